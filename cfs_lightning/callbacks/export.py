@@ -1,0 +1,40 @@
+"""Write the fine-tuned model as a Hugging Face checkpoint at the end of fit."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..io import atomic_dir
+
+
+class HFExport(L.Callback):
+    """`save_pretrained` of the trained model and its tokenizer when fit ends.
+
+    The directory is written beside itself and renamed into place when complete, so a crash never
+    leaves a half-written checkpoint, and an existing export is replaced only by a finished one.
+    """
+
+    def __init__(self, dirpath: str | None = None, enabled: bool = True) -> None:
+        """
+        Args:
+            dirpath: Output directory; default `<trainer.log_dir>/hf_model`.
+            enabled: Set false to skip the export.
+        """
+        self.dirpath, self.enabled = dirpath, enabled
+        self.last_path: Path | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.enabled or trainer.interrupted:
+            return
+        out = Path(self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hf_model"))
+        if trainer.is_global_zero:
+            with atomic_dir(out) as tmp:
+                pl_module.model.save_pretrained(tmp)
+                pl_module.tokenizer.save_pretrained(tmp)
+            rank_zero_info(f"Hugging Face checkpoint written to {out}")
+        self.last_path = out
+        trainer.strategy.barrier("hf_export")

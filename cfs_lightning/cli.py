@@ -1,0 +1,128 @@
+"""The `cfs` command: `fit|validate|test` (LightningCLI), `generate`, `init` and `demo`.
+
+Every command takes `--config X.yaml`, dotted overrides (`--a.b=c`), `--help` and
+`--print_config`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from jsonargparse import CLI
+from lightning.pytorch.cli import LightningCLI
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .callbacks import HFExport
+from .data import ReplayDataModule, TaskSource
+from .generation import Budget, SamplingConfig, generate_replay
+from .module import CausalLMFineTuner
+
+USAGE = """usage: cfs COMMAND --config FILE.yaml [--key=value ...]
+
+commands:
+  fit | validate | test   train or evaluate a model (LightningCLI; `cfs fit --help`)
+  generate                write context-free replay shards from a base model
+  init                    train a BPE tokenizer and write a randomly initialised model
+  demo                    the toy-world comparison: base, plain fine-tuning, CFS replay
+"""
+
+
+class CFSCLI(LightningCLI):
+    """LightningCLI with the model's tokenizer linked to the data and an HF export at fit end."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(HFExport, "export")
+        parser.link_arguments(
+            ("model.init_args.pretrained", "model.init_args.tokenizer"),
+            "data.init_args.tokenizer",
+            compute_fn=lambda pretrained, tokenizer: tokenizer or pretrained,
+        )
+
+
+def run_cli(args: list[str] | None = None, run: bool = True) -> CFSCLI:
+    """Run `cfs fit|validate|test ...` in this process and return the CLI (trainer, model, data).
+
+    `args` None reads the command line.
+    """
+    return CFSCLI(
+        CausalLMFineTuner,
+        ReplayDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+def generate(
+    model: str,
+    output_dir: str,
+    budget: Budget,
+    sampling: SamplingConfig = SamplingConfig(),
+    task: TaskSource | None = None,
+    tokenizer: str | None = None,
+    dtype: str | None = None,
+    device: str = "auto",
+    shard_size: int = 10_000,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Sample context-free replay sequences from a base model into Arrow shards + manifest.json.
+
+    Args:
+        model: Base model: hub name or local directory.
+        output_dir: Replay directory to write; refused if it exists unless `overwrite`.
+        budget: How much: `sequences`, `tokens`, or `fraction` of the task dataset's size.
+        sampling: Sampling settings (temperature 1, no truncation by default).
+        task: The task data, needed only by `budget.fraction` (its training split is counted).
+        tokenizer: Tokenizer name or directory; default: `model`.
+        dtype: Weight dtype (`float32`, `bfloat16`, ...); default float32.
+        device: `auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`, ...
+        shard_size: Sequences per Arrow shard.
+        overwrite: Replace an existing replay directory (only once the new one is complete).
+        trust_remote_code: Allow model code shipped with the checkpoint to run.
+    """
+    task_size = len(task.load(task.split)) if task is not None and budget.fraction else None
+    tok = AutoTokenizer.from_pretrained(tokenizer or model, trust_remote_code=trust_remote_code)
+    lm = AutoModelForCausalLM.from_pretrained(
+        model, dtype=getattr(torch, dtype) if dtype else torch.float32,
+        trust_remote_code=trust_remote_code,
+    )
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    manifest = generate_replay(lm.to(device), tok, output_dir, sampling, budget,
+                               task_size=task_size, shard_size=shard_size, overwrite=overwrite)
+    print(f"wrote {manifest['num_sequences']} sequences, {manifest['num_generated_tokens']} "
+          f"generated tokens to {Path(output_dir)}")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    from_command_line = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "generate":
+        CLI(generate, args=rest, as_positional=False)
+    elif command == "init":
+        from .toy.init_model import init_model
+
+        CLI(init_model, args=rest, as_positional=False)
+    elif command == "demo":
+        from .toy.demo import run_demo
+
+        CLI(run_demo, args=rest, as_positional=False)
+    elif command in ("fit", "validate", "test"):
+        run_cli(None if from_command_line else argv)
+    else:
+        sys.exit(f"cfs: unknown command {command!r}\n\n{USAGE}")
+
+
+if __name__ == "__main__":
+    main()

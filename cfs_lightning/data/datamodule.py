@@ -1,0 +1,173 @@
+"""The DataModule: task batches interleaved with replay batches at a fixed ratio."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from ..generation import check_manifest, generate_replay, load_shards, read_manifest
+from ..generation.shards import MANIFEST
+from .collate import Collator
+from .replay import CyclingSampler, ReplayConfig
+from .task import TaskSource
+
+log = logging.getLogger(__name__)
+
+
+def replay_batch_size(replay_ratio: float, batch_size: int) -> int:
+    """Replay sequences per step: round(ratio x task batch size), at least 1 when ratio > 0."""
+    if replay_ratio == 0:
+        return 0
+    return max(1, math.floor(replay_ratio * batch_size + 0.5))
+
+
+class ReplayDataModule(L.LightningDataModule):
+    """Yields `{"task": batch, "replay": batch}` every training step.
+
+    The epoch is defined by the task data; replay is read memory-mapped from the shards and cycles
+    when exhausted. Validation runs the task's validation split and a held-out slice of replay,
+    each batch wrapped as `{"task": ...}` or `{"replay": ...}`.
+    """
+
+    def __init__(
+        self,
+        task: TaskSource,
+        tokenizer: str | None = None,
+        batch_size: int = 16,
+        replay_ratio: float = 0.0,
+        replay: ReplayConfig | None = None,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            task: The task dataset and how to template it.
+            tokenizer: Tokenizer name or directory; linked from `model.pretrained` by `cfs fit`.
+            batch_size: Task sequences per step (per process).
+            replay_ratio: Replay sequences drawn per task sequence (0 disables replay in training;
+                held-out replay is still validated when `replay` is given).
+            replay: Replay shards to mix in.
+            val_batch_size: Batch size of the validation loaders; default `batch_size`.
+            num_workers: DataLoader worker processes.
+            seed: Seed of the task shuffle and of the replay cycling order.
+        """
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if replay_ratio < 0:
+            raise ValueError(f"data.replay_ratio must be >= 0, got {replay_ratio}")
+        if replay_ratio > 0 and replay is None:
+            raise ValueError(
+                f"data.replay_ratio={replay_ratio} needs replay shards: set data.replay.dir"
+            )
+        self.task, self.tokenizer_name, self.batch_size = task, tokenizer, batch_size
+        self.replay_ratio, self.replay = replay_ratio, replay
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers, self.seed = num_workers, seed
+        self.replay_batch_size = replay_batch_size(replay_ratio, batch_size)
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.datasets: dict[str, object] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def _load_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            if self.tokenizer_name is None:
+                raise ValueError("data.tokenizer is not set (cfs fit links it from model.pretrained)")
+            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+        return self.tokenizer
+
+    def _base_model(self):
+        """The model being fine-tuned, at its initial weights, when a trainer is attached."""
+        if self._trainer is None or self.trainer.lightning_module is None:
+            return None
+        return self.trainer.lightning_module.model
+
+    def prepare_data(self) -> None:
+        """Generate the replay shards if they are missing and a generation block is given."""
+        if self.replay is None or (Path(self.replay.dir) / MANIFEST).is_file():
+            return
+        if self.replay.generate is None:
+            raise FileNotFoundError(
+                f"replay directory {self.replay.dir} has no {MANIFEST}: write it with "
+                "`cfs generate --config ...`, or give data.replay.generate to have fit do it"
+            )
+        model = self._base_model()
+        if model is None:
+            raise RuntimeError("replay.generate needs the model: run it through a Trainer")
+        gen = self.replay.generate
+        task_size = len(self.task.load(self.task.split)) if gen.budget.fraction else None
+        generate_replay(model, self._load_tokenizer(), self.replay.dir, gen.sampling, gen.budget,
+                        task_size=task_size, shard_size=gen.shard_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        tok = self._load_tokenizer()
+        if stage in (None, "fit"):
+            self.datasets["task_train"] = self.task.tokenize(self.task.load(self.task.split), tok)
+        if self.task.val_split is not None and stage in (None, "fit", "validate"):
+            self.datasets["task_val"] = self.task.tokenize(self.task.load(self.task.val_split), tok)
+        if self.task.test_split is not None and stage in (None, "test"):
+            self.datasets["task_test"] = self.task.tokenize(self.task.load(self.task.test_split), tok)
+        if self.replay is not None:
+            self._setup_replay(tok)
+
+    def _setup_replay(self, tok: PreTrainedTokenizerBase) -> None:
+        check_manifest(read_manifest(self.replay.dir), tok,
+                       self._base_model() if self.replay.strict else None,
+                       where=f"replay shards in {self.replay.dir}")
+        replay = load_shards(self.replay.dir)
+        n_val = min(self.replay.val_size, len(replay))
+        if self.replay_ratio > 0 and n_val == len(replay):
+            raise ValueError(
+                f"replay.val_size={self.replay.val_size} holds out all {len(replay)} replay "
+                "sequences, leaving none to train on; lower replay.val_size or generate more"
+            )
+        self.datasets["replay_train"] = replay.select(range(len(replay) - n_val))
+        if n_val:
+            self.datasets["replay_val"] = replay.select(range(len(replay) - n_val, len(replay)))
+
+    # -- loaders ---------------------------------------------------------------------------------
+
+    def _pad_id(self) -> int:
+        tok = self._load_tokenizer()
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def _loader(self, name: str, batch_size: int, stream: str | None = None, **kwargs) -> DataLoader:
+        return DataLoader(
+            self.datasets[name],
+            batch_size=batch_size,
+            collate_fn=Collator(self._pad_id(), stream),
+            num_workers=self.num_workers,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> CombinedLoader:
+        gen = torch.Generator().manual_seed(self.seed)
+        loaders = {"task": self._loader("task_train", self.batch_size, shuffle=True, generator=gen)}
+        if self.replay_batch_size:
+            n_steps = len(loaders["task"])
+            sampler = CyclingSampler(len(self.datasets["replay_train"]),
+                                     n_steps * self.replay_batch_size, seed=self.seed)
+            loaders["replay"] = self._loader("replay_train", self.replay_batch_size, sampler=sampler)
+        return CombinedLoader(loaders, mode="min_size")
+
+    def _eval_loaders(self, task_split: str) -> list[DataLoader]:
+        return [
+            self._loader(name, self.val_batch_size, stream=stream)
+            for name, stream in ((task_split, "task"), ("replay_val", "replay"))
+            if name in self.datasets
+        ]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("task_val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("task_test")

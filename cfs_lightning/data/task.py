@@ -1,0 +1,155 @@
+"""The task dataset: any `datasets` source, templated into prompt and response, tokenized and masked.
+
+A sequence is `[BOS] prompt response [EOS]` (BOS only where the tokenizer has one), or the
+tokenizer's chat template applied to a user turn and an assistant turn. Labels are -100 on the
+start token, the prompt and padding, so the task loss is the response's NLL alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import string
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+from .collate import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+
+class TaskDataError(ValueError):
+    """The task data cannot be read as configured; the message names the setting to change."""
+
+
+@dataclass
+class TaskSource:
+    """Where the task data lives and how a record becomes a prompt and a response."""
+
+    path: str = "json"
+    """`datasets.load_dataset` path: a hub dataset name, or a builder (json, csv, parquet, text)
+    used with `data_files`."""
+    data_files: str | list[str] | dict[str, str] | None = None
+    """Local files for a builder; a dict maps split names to files."""
+    name: str | None = None
+    """Dataset configuration name, for hub datasets that have several."""
+    split: str = "train"
+    """Training split; slicing works: `train[:4800]`."""
+    val_split: str | None = None
+    """Validation split, e.g. `test[:200]`; None: no task validation."""
+    test_split: str | None = None
+    """Split used by `cfs test`; None: no task test loader."""
+    prompt: str | None = "{prompt}"
+    """Template of the prompt over record fields, e.g. `Question: {question}\\nAnswer:`.
+    None: no prompt, every token of the response is trained on (plain language modelling)."""
+    response: str = "{response}"
+    """Template of the response over record fields, e.g. ` {answer}`."""
+    chat_template: bool = False
+    """Render prompt and response as a user and an assistant turn with the tokenizer's chat
+    template (which then supplies its own BOS and end-of-turn tokens)."""
+    max_length: int = 512
+    """Longer sequences are cut (counted and warned about); a sequence left with no response
+    token is dropped."""
+    load_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra `load_dataset` arguments, e.g. `{sample_by: paragraph}` for the text builder."""
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            raise TaskDataError(f"task.max_length must be >= 2, got {self.max_length}")
+        if self.chat_template and self.prompt is None:
+            raise TaskDataError("task.chat_template needs a prompt template (task.prompt)")
+
+    def load(self, split: str) -> datasets.Dataset:
+        """The raw records of one split."""
+        ds = datasets.load_dataset(
+            self.path, self.name, data_files=self.data_files, split=split, **self.load_kwargs
+        )
+        fields = set(ds.column_names)
+        for kind, template in (("prompt", self.prompt), ("response", self.response)):
+            needed = _template_fields(template)
+            if not needed <= fields:
+                raise TaskDataError(
+                    f"task.{kind} template {template!r} uses fields {sorted(needed - fields)} "
+                    f"that the {split!r} split of {self.path!r} does not have; its fields are "
+                    f"{sorted(fields)}"
+                )
+        return ds
+
+    def tokenize(self, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
+        """Tokenize and mask; warn about truncation; drop rows left without a response token."""
+        encoded = ds.map(
+            _Encoder(self, tokenizer),
+            batched=True,
+            remove_columns=ds.column_names,
+            desc="tokenizing task data",
+        )
+        n_cut, n = sum(encoded["truncated"]), len(encoded)
+        kept = encoded.filter(lambda row: row["num_targets"] > 0, desc="dropping empty rows")
+        if n_cut:
+            log.warning(
+                "task data: %d of %d sequences (%.1f%%) were longer than task.max_length=%d and "
+                "were cut; %d had no response token left and were dropped. Raise "
+                "task.max_length to keep them whole.",
+                n_cut, n, 100 * n_cut / n, self.max_length, n - len(kept),
+            )
+        if len(kept) == 0:
+            raise TaskDataError(f"no task example of {self.path!r} has a response token left")
+        return kept.remove_columns(["truncated", "num_targets"])
+
+
+def _template_fields(template: str | None) -> set[str]:
+    if template is None:
+        return set()
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+class _Encoder:
+    """Batched map function: records -> input_ids, labels, truncated, num_targets."""
+
+    def __init__(self, source: TaskSource, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.source, self.tok = source, tokenizer
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        records = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "num_targets": []}
+        for record in records:
+            prompt_ids, response_ids = self._encode(record)
+            ids = prompt_ids + response_ids
+            labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+            cut = len(ids) > self.source.max_length
+            ids, labels = ids[: self.source.max_length], labels[: self.source.max_length]
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["truncated"].append(cut)
+            # targets are labels[1:]: position 0 is never predicted
+            out["num_targets"].append(sum(x != IGNORE_INDEX for x in labels[1:]))
+        return out
+
+    def _encode(self, record: dict) -> tuple[list[int], list[int]]:
+        src, tok = self.source, self.tok
+        response = src.response.format(**record)
+        if src.chat_template:
+            return self._encode_chat(src.prompt.format(**record), response)
+        start = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        prompt_ids = tok.encode(src.prompt.format(**record), add_special_tokens=False) if src.prompt else []
+        response_ids = tok.encode(response, add_special_tokens=False) + [tok.eos_token_id]
+        return start + prompt_ids, response_ids
+
+    def _encode_chat(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
+        user = [{"role": "user", "content": prompt}]
+        head = self.tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = self.tok.apply_chat_template(
+            user + [{"role": "assistant", "content": response}], tokenize=False
+        )
+        if not full.startswith(head):
+            raise TaskDataError(
+                f"the chat template of {self.tok.name_or_path!r} does not render the prompt as a "
+                "prefix of the conversation, so the response cannot be masked; set "
+                "task.chat_template=false and write the turns into task.prompt/task.response"
+            )
+        return (
+            self.tok.encode(head, add_special_tokens=False),
+            self.tok.encode(full[len(head):], add_special_tokens=False),
+        )

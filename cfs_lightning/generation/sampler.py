@@ -1,0 +1,187 @@
+"""Context-free sampling: whole sequences drawn from the base model starting from one start token.
+
+Sampling from the start token alone, at temperature 1 with no top-k/top-p truncation, draws
+sequences from the base model's own distribution p_base. The all-token NLL of the trainable model
+on such sequences is then a Monte Carlo estimate of KL(p_base || p_theta) up to a constant (the
+base model's entropy), which is what makes context-free replay an anchor to the old distribution
+(arXiv 2505.13811). Any truncation or temperature != 1 biases that estimate; the knobs exist for
+experiments, not for the default recipe.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+
+class GenerationError(ValueError):
+    """A sampling setting or budget cannot be honoured; the message names the setting to change."""
+
+
+@dataclass
+class SamplingConfig:
+    """How replay sequences are drawn from the base model."""
+
+    temperature: float = 1.0
+    """Softmax temperature. 1.0 samples p_base itself, which the unbiased KL estimate needs."""
+    top_p: float | None = None
+    """Nucleus truncation; None disables it (the default: truncation biases the KL estimate)."""
+    top_k: int | None = None
+    """Top-k truncation; None disables it (the default: truncation biases the KL estimate)."""
+    max_new_tokens: int = 256
+    """Tokens generated after the start token, at most."""
+    stop_at_eos: bool = True
+    """Stop a sequence at its first EOS (kept as its last token); False: always max_new_tokens."""
+    batch_size: int = 64
+    """Sequences sampled in parallel per `generate` call (KV-cached)."""
+    seed: int = 0
+    """Seed of the sampling stream. The same seed and settings give the same sequences."""
+    start_token: str | None = None
+    """Token every sequence starts from. None uses the tokenizer's BOS token; tokenizers without
+    one (Qwen, Pythia, GPT-2 style) need it set, usually to their EOS, e.g. `<|endoftext|>`."""
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise GenerationError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise GenerationError(f"top_k must be >= 1 or None, got {self.top_k}")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise GenerationError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Budget:
+    """How much replay to generate: exactly one of the three fields."""
+
+    sequences: int | None = None
+    """A number of sequences."""
+    tokens: int | None = None
+    """A number of generated tokens (the start token not counted); the last sequence is cut so the
+    total is exact."""
+    fraction: float | None = None
+    """A fraction of the task dataset's size, in sequences: 0.1 = one replay sequence for every
+    ten task examples."""
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("sequences", "tokens", "fraction") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise GenerationError(
+                f"budget needs exactly one of sequences, tokens, fraction; got {given or 'none'}"
+            )
+        value = getattr(self, given[0])
+        if value <= 0:
+            raise GenerationError(f"budget.{given[0]} must be > 0, got {value}")
+
+    def resolve(self, task_size: int | None = None) -> tuple[int | None, int | None]:
+        """Return (max_sequences, max_tokens); exactly one is not None."""
+        if self.fraction is None:
+            return self.sequences, self.tokens
+        if task_size is None:
+            raise GenerationError(
+                "budget.fraction needs the task dataset's size: give a `task` source next to the "
+                "budget, or use budget.sequences / budget.tokens"
+            )
+        return max(1, math.floor(self.fraction * task_size + 0.5)), None
+
+
+def resolve_start_token(tokenizer: PreTrainedTokenizerBase, start_token: str | None) -> int:
+    """The token id every context-free sequence starts from."""
+    if start_token is None:
+        if tokenizer.bos_token_id is None:
+            raise GenerationError(
+                f"tokenizer {tokenizer.name_or_path!r} has no BOS token, so context-free sampling "
+                "has no start token: set `start_token` (sampling.start_token in YAML), usually to "
+                f"the EOS token {tokenizer.eos_token!r}"
+            )
+        return tokenizer.bos_token_id
+    token_id = tokenizer.convert_tokens_to_ids(start_token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise GenerationError(
+            f"start_token {start_token!r} is not a single token of tokenizer "
+            f"{tokenizer.name_or_path!r}; use one of its special tokens, e.g. {tokenizer.eos_token!r}"
+        )
+    return token_id
+
+
+def _generation_config(cfg: SamplingConfig, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+    # Every knob is set explicitly: transformers fills unset ones from the checkpoint's
+    # generation_config.json (often top_p=0.9) or its own defaults (top_k=50).
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return GenerationConfig(
+        do_sample=True,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k or 0,
+        top_p=cfg.top_p if cfg.top_p is not None else 1.0,
+        max_new_tokens=cfg.max_new_tokens,
+        eos_token_id=[tokenizer.eos_token_id] if cfg.stop_at_eos else [],
+        pad_token_id=pad_id,
+        repetition_penalty=1.0,
+        use_cache=True,
+    )
+
+
+def _trim(row: list[int], eos_id: int | None, stop_at_eos: bool) -> list[int]:
+    """Cut a generated row after its first EOS (position 0 is the start token)."""
+    if stop_at_eos and eos_id is not None and eos_id in row[1:]:
+        return row[: row.index(eos_id, 1) + 1]
+    return row
+
+
+@torch.no_grad()
+def sample_context_free(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: SamplingConfig,
+    max_sequences: int | None,
+    max_tokens: int | None,
+) -> Iterator[list[list[int]]]:
+    """Yield batches of sampled sequences (token ids, start token first) until the budget is met.
+
+    Each batch is seeded from (cfg.seed, batch index), so the stream is reproducible; the caller's
+    RNG state is left untouched.
+    """
+    if (max_sequences is None) == (max_tokens is None):
+        raise GenerationError("give exactly one of max_sequences, max_tokens")
+    start_id = resolve_start_token(tokenizer, cfg.start_token)
+    gen_cfg = _generation_config(cfg, tokenizer)
+    device = next(model.parameters()).device
+    done_seqs, done_tokens, batch_index = 0, 0, 0
+    while (max_sequences is None or done_seqs < max_sequences) and (
+        max_tokens is None or done_tokens < max_tokens
+    ):
+        n = cfg.batch_size if max_sequences is None else min(cfg.batch_size, max_sequences - done_seqs)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed * 1_000_003 + batch_index)
+            start = torch.full((n, 1), start_id, dtype=torch.long, device=device)
+            out = model.generate(
+                input_ids=start, attention_mask=torch.ones_like(start), generation_config=gen_cfg
+            )
+        rows = [_trim(r, tokenizer.eos_token_id, cfg.stop_at_eos) for r in out.tolist()]
+        if max_tokens is not None:
+            rows = _fit_token_budget(rows, max_tokens - done_tokens)
+        done_seqs += len(rows)
+        done_tokens += sum(len(r) - 1 for r in rows)
+        batch_index += 1
+        yield rows
+
+
+def _fit_token_budget(rows: list[list[int]], remaining: int) -> list[list[int]]:
+    """Keep whole rows while they fit; cut the first one that does not so the total is exact."""
+    kept: list[list[int]] = []
+    for row in rows:
+        if remaining <= 0:
+            break
+        generated = len(row) - 1
+        kept.append(row if generated <= remaining else row[: remaining + 1])
+        remaining -= min(generated, remaining)
+    return kept
