@@ -46,10 +46,10 @@ def _flatten(results: dict) -> tuple[dict[str, float], dict[str, bool]]:
     values, better = {}, {}
     for task, metrics in results["results"].items():
         for key, value in metrics.items():
-            metric, _, filt = key.partition(",")
-            if "_stderr" in metric or not isinstance(value, (int, float)):
+            metric, comma, filt = key.partition(",")  # metric keys read "<metric>,<filter>"
+            if not comma or "_stderr" in metric or not isinstance(value, (int, float)):
                 continue
-            name = f"{task}/{metric}" if filt in ("", "none") else f"{task}/{metric}_{filt}"
+            name = f"{task}/{metric}" if filt == "none" else f"{task}/{metric}_{filt}"
             values[name] = float(value)
             better[name] = bool(results["higher_is_better"][task].get(metric, False))
     return values, better

@@ -87,7 +87,7 @@ class ReplayDataModule(L.LightningDataModule):
 
     def _base_model(self):
         """The model being fine-tuned, at its initial weights, when a trainer is attached."""
-        if self._trainer is None or self.trainer.lightning_module is None:
+        if self.trainer is None or self.trainer.lightning_module is None:
             return None
         return self.trainer.lightning_module.model
 
@@ -117,11 +117,13 @@ class ReplayDataModule(L.LightningDataModule):
         if self.task.test_split is not None and stage in (None, "test"):
             self.datasets["task_test"] = self.task.tokenize(self.task.load(self.task.test_split), tok)
         if self.replay is not None:
-            self._setup_replay(tok)
+            self._setup_replay(tok, check_model=stage in (None, "fit") and self.replay.strict)
 
-    def _setup_replay(self, tok: PreTrainedTokenizerBase) -> None:
+    def _setup_replay(self, tok: PreTrainedTokenizerBase, check_model: bool) -> None:
+        # The model is compared only before fitting, when it still holds the base weights;
+        # validate/test evaluate fine-tuned models on purpose.
         check_manifest(read_manifest(self.replay.dir), tok,
-                       self._base_model() if self.replay.strict else None,
+                       self._base_model() if check_model else None,
                        where=f"replay shards in {self.replay.dir}")
         replay = load_shards(self.replay.dir)
         n_val = min(self.replay.val_size, len(replay))

@@ -37,7 +37,7 @@ class Regularizer:
         if weight < 0:
             raise ValueError(f"{type(self).__name__}.weight must be >= 0, got {weight}")
         self.weight = weight
-        self.name = name or re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", type(self).__name__).lower()
+        self.name = name or re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", type(self).__name__).lower()
 
     def setup(self, module: CausalLMFineTuner) -> None:
         """Called once with the LightningModule before training starts."""

@@ -1,0 +1,90 @@
+"""Shared fixtures: offline Hugging Face, a tiny tokenizer + Llama, tiny task data."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+# Before any Hugging Face import: nothing reaches a hub or writes into the home cache.
+_HF_HOME = tempfile.mkdtemp(prefix="cfs-test-hf-")
+os.environ.update(
+    HF_HOME=_HF_HOME,
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    TOKENIZERS_PARALLELISM="false",
+)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from cfs_lightning.toy.init_model import init_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO / "data" / "tinyshakespeare"
+GSM8K = REPO / "data" / "gsm8k"
+
+TINY_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer x 32 Llama with a 512-token BPE trained on Shakespeare, random weights."""
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    init_model(str(out), [str(SHAKESPEARE / "train.txt")], vocab_size=512,
+               model_config=TINY_LLAMA, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_task_files(tmp_path_factory) -> dict[str, str]:
+    """64 GSM8K training records and 16 test records as jsonl files."""
+    out = tmp_path_factory.mktemp("task")
+    files = {}
+    for split, n in (("train", 64), ("test", 16)):
+        lines = (GSM8K / f"{split}.jsonl").read_text().splitlines()[:n]
+        files[split] = str(out / f"{split}.jsonl")
+        Path(files[split]).write_text("\n".join(lines) + "\n")
+    return files
+
+
+@pytest.fixture(scope="session")
+def tiny_replay_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """40 context-free sequences sampled from the tiny model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cfs_lightning.generation import Budget, SamplingConfig, generate_replay
+
+    out = tmp_path_factory.mktemp("replay") / "cfs"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    generate_replay(model, tok, out, SamplingConfig(max_new_tokens=24, batch_size=16),
+                    Budget(sequences=40), shard_size=16)
+    return out
+
+
+@pytest.fixture
+def tiny_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+@pytest.fixture
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_threads():
+    torch.set_num_threads(2)

@@ -1,0 +1,147 @@
+import logging
+
+import pytest
+import torch
+
+from cfs_lightning.data import (
+    IGNORE_INDEX,
+    CyclingSampler,
+    ReplayConfig,
+    ReplayDataModule,
+    TaskDataError,
+    TaskSource,
+    replay_batch_size,
+)
+from cfs_lightning.generation import ReplayMismatchError
+
+from .conftest import write_jsonl
+
+
+def _source(files, **kw):
+    base = dict(path="json", data_files=files, prompt="Q: {question}\nA:", response=" {answer}")
+    return TaskSource(**{**base, **kw})
+
+
+def test_prompt_masking_is_exact(tmp_path, tiny_tokenizer):
+    rows = [{"question": "Who art thou?", "answer": "A friend."}]
+    src = _source({"train": write_jsonl(tmp_path / "t.jsonl", rows)})
+    ex = src.tokenize(src.load("train"), tiny_tokenizer)[0]
+    prompt = tiny_tokenizer.encode("Q: Who art thou?\nA:", add_special_tokens=False)
+    response = tiny_tokenizer.encode(" A friend.", add_special_tokens=False)
+    bos, eos = tiny_tokenizer.bos_token_id, tiny_tokenizer.eos_token_id
+    assert ex["input_ids"] == [bos] + prompt + response + [eos]
+    assert ex["labels"] == [IGNORE_INDEX] * (1 + len(prompt)) + response + [eos]
+
+
+def test_padding_is_masked_and_batches_are_streams(tmp_path, tiny_tokenizer, tiny_model_dir):
+    rows = [{"question": "Q" * (i + 1), "answer": "yes " * (i + 1)} for i in range(4)]
+    src = _source({"train": write_jsonl(tmp_path / "t.jsonl", rows)})
+    dm = ReplayDataModule(src, tokenizer=str(tiny_model_dir), batch_size=4)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))[0]
+    assert set(batch) == {"task"}
+    b = batch["task"]
+    pad = b["attention_mask"] == 0
+    assert pad.any()
+    assert (b["labels"][pad] == IGNORE_INDEX).all()
+    assert (b["input_ids"][pad] == tiny_tokenizer.pad_token_id).all()
+
+
+def test_truncation_is_counted_and_warned(tmp_path, tiny_tokenizer, caplog):
+    rows = [{"question": "short", "answer": "word " * 50}, {"question": "q " * 40, "answer": "a"},
+            {"question": "ok", "answer": "fine"}]
+    src = _source({"train": write_jsonl(tmp_path / "t.jsonl", rows)}, max_length=24)
+    with caplog.at_level(logging.WARNING):
+        ds = src.tokenize(src.load("train"), tiny_tokenizer)
+    assert "2 of 3 sequences" in caplog.text and "task.max_length=24" in caplog.text
+    assert "1 had no response token left and were dropped" in caplog.text
+    assert len(ds) == 2 and max(len(r) for r in ds["input_ids"]) == 24
+
+
+def test_template_naming_a_missing_field_is_refused(tmp_path):
+    src = _source({"train": write_jsonl(tmp_path / "t.jsonl", [{"q": 1, "answer": 2}])})
+    with pytest.raises(TaskDataError, match=r"\['question'\].*fields are \['answer', 'q'\]"):
+        src.load("train")
+
+
+@pytest.mark.parametrize("ratio,bs,expected", [(0, 16, 0), (0.5, 16, 8), (0.1, 16, 2), (0.01, 16, 1),
+                                                (1.0, 4, 4), (0.125, 4, 1), (2.0, 3, 6)])
+def test_replay_ratio_arithmetic(ratio, bs, expected):
+    assert replay_batch_size(ratio, bs) == expected
+
+
+def test_replay_ratio_validation(tiny_replay_dir):
+    with pytest.raises(ValueError, match="replay_ratio must be >= 0"):
+        ReplayDataModule(TaskSource(), replay_ratio=-1, replay=ReplayConfig(dir=str(tiny_replay_dir)))
+    with pytest.raises(ValueError, match="data.replay.dir"):
+        ReplayDataModule(TaskSource(), replay_ratio=0.5)
+
+
+def test_cycling_sampler_sees_all_before_repeating_and_continues_across_epochs():
+    s = CyclingSampler(n=5, num_samples=7, seed=0)
+    e0 = list(s)
+    s.set_epoch(1)
+    e1 = list(s)
+    stream = e0 + e1
+    assert len(e0) == 7
+    for k in range(0, 10, 5):  # each block of 5 consecutive stream items is a permutation
+        assert sorted(stream[k:k + 5]) == [0, 1, 2, 3, 4]
+    s.set_epoch(0)
+    assert list(s) == e0  # deterministic
+
+
+def test_training_batches_mix_replay_at_the_ratio(tiny_model_dir, tiny_task_files, tiny_replay_dir):
+    dm = ReplayDataModule(_source(tiny_task_files), tokenizer=str(tiny_model_dir), batch_size=8,
+                          replay_ratio=0.5, replay=ReplayConfig(dir=str(tiny_replay_dir), val_size=10))
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    batches = [b for b, *_ in loader]
+    assert len(batches) == 8  # the epoch is the task data: 64 examples / 8
+    assert all(b["replay"]["input_ids"].size(0) == 4 for b in batches)
+    # replay: the 30 training sequences cycle; the 10 held-out ones never appear in training
+    train_rows = {tuple(r.tolist()) for r in dm.datasets["replay_train"]["input_ids"]}
+    val_rows = {tuple(r.tolist()) for r in dm.datasets["replay_val"]["input_ids"]}
+    seen = set()
+    for b in batches:
+        for ids, mask in zip(b["replay"]["input_ids"], b["replay"]["attention_mask"]):
+            seen.add(tuple(ids[mask.bool()].tolist()))
+    assert seen == train_rows and not seen & val_rows
+    labels = batches[0]["replay"]["labels"]
+    assert (labels[batches[0]["replay"]["attention_mask"] == 1] != IGNORE_INDEX).all()
+
+
+def test_validation_loaders_name_their_stream(tiny_model_dir, tiny_task_files, tiny_replay_dir):
+    dm = ReplayDataModule(_source(tiny_task_files, val_split="test"), tokenizer=str(tiny_model_dir),
+                          replay=ReplayConfig(dir=str(tiny_replay_dir), val_size=10))
+    dm.setup("validate")
+    task_loader, replay_loader = dm.val_dataloader()
+    assert set(next(iter(task_loader))) == {"task"}
+    assert set(next(iter(replay_loader))) == {"replay"}
+    assert sum(b["replay"]["input_ids"].size(0) for b in replay_loader) == 10
+
+
+def test_shards_of_another_tokenizer_are_refused(tmp_path, tiny_task_files, tiny_replay_dir):
+    from cfs_lightning.toy.init_model import init_model
+
+    from .conftest import SHAKESPEARE, TINY_LLAMA
+
+    other = init_model(str(tmp_path / "other"), [str(SHAKESPEARE / "heldout.txt")], vocab_size=400,
+                       model_config=TINY_LLAMA)
+    dm = ReplayDataModule(_source(tiny_task_files), tokenizer=str(other),
+                          replay=ReplayConfig(dir=str(tiny_replay_dir)))
+    with pytest.raises(ReplayMismatchError, match="regenerate"):
+        dm.setup("fit")
+
+
+def test_missing_shards_without_generation_block_are_refused(tmp_path, tiny_model_dir, tiny_task_files):
+    dm = ReplayDataModule(_source(tiny_task_files), tokenizer=str(tiny_model_dir),
+                          replay=ReplayConfig(dir=str(tmp_path / "nothing")))
+    with pytest.raises(FileNotFoundError, match="cfs generate"):
+        dm.prepare_data()
+
+
+def test_collated_task_batch_is_long(tiny_model_dir, tiny_task_files):
+    dm = ReplayDataModule(_source(tiny_task_files), tokenizer=str(tiny_model_dir), batch_size=2)
+    dm.setup("fit")
+    b = next(iter(dm.train_dataloader()))[0]["task"]
+    assert all(t.dtype == torch.long for t in b.values())

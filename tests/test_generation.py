@@ -1,0 +1,182 @@
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+
+from cfs_lightning.generation import (
+    Budget,
+    GenerationError,
+    ReplayMismatchError,
+    SamplingConfig,
+    check_manifest,
+    generate_replay,
+    load_shards,
+    model_fingerprint,
+    read_manifest,
+    sample_context_free,
+    tokenizer_fingerprint,
+)
+
+
+def _sample(model, tok, cfg, n=None, tokens=None):
+    return [row for rows in sample_context_free(model, tok, cfg, n, tokens) for row in rows]
+
+
+def test_sequences_start_with_one_bos_and_stop_after_eos(tiny_model, tiny_tokenizer):
+    cfg = SamplingConfig(max_new_tokens=20, batch_size=8, seed=1)
+    rows = _sample(tiny_model, tiny_tokenizer, cfg, n=20)
+    assert len(rows) == 20
+    bos, eos = tiny_tokenizer.bos_token_id, tiny_tokenizer.eos_token_id
+    for row in rows:
+        assert row[0] == bos and bos not in row[1:2]  # exactly one start token, no double BOS
+        assert 2 <= len(row) <= 21
+        if eos in row[1:]:
+            assert row.index(eos, 1) == len(row) - 1  # nothing after the first EOS
+        else:
+            assert len(row) == 21
+        assert tiny_tokenizer.pad_token_id not in row
+
+
+def test_fixed_length_ignores_eos(tiny_model, tiny_tokenizer):
+    cfg = SamplingConfig(max_new_tokens=12, batch_size=8, stop_at_eos=False)
+    assert {len(r) for r in _sample(tiny_model, tiny_tokenizer, cfg, n=16)} == {13}
+
+
+def test_same_seed_same_sequences_other_seed_differs(tiny_model, tiny_tokenizer):
+    cfg = SamplingConfig(max_new_tokens=16, batch_size=4, seed=3)
+    torch.manual_seed(123)
+    a = _sample(tiny_model, tiny_tokenizer, cfg, n=10)
+    after = torch.rand(1)
+    torch.manual_seed(999)
+    b = _sample(tiny_model, tiny_tokenizer, cfg, n=10)
+    c = _sample(tiny_model, tiny_tokenizer, SamplingConfig(max_new_tokens=16, batch_size=4, seed=4), n=10)
+    assert a == b
+    assert a != c
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), after)  # the caller's RNG stream is untouched
+
+
+def test_default_sampling_is_untruncated_temperature_one(tiny_model, tiny_tokenizer):
+    from cfs_lightning.generation.sampler import _generation_config
+
+    gen = _generation_config(SamplingConfig(max_new_tokens=4), tiny_tokenizer)
+    start = torch.full((3, 1), tiny_tokenizer.bos_token_id)
+    out = tiny_model.generate(input_ids=start, attention_mask=torch.ones_like(start), generation_config=gen,
+                              output_scores=True, output_logits=True, return_dict_in_generate=True)
+    for scores, logits in zip(out.scores, out.logits, strict=True):
+        assert torch.isfinite(scores).all()  # no top-k / top-p masking
+        torch.testing.assert_close(scores, logits)  # temperature 1, nothing else applied
+    truncated = _generation_config(SamplingConfig(max_new_tokens=4, top_k=5), tiny_tokenizer)
+    out = tiny_model.generate(input_ids=start, attention_mask=torch.ones_like(start),
+                              generation_config=truncated, output_scores=True, return_dict_in_generate=True)
+    assert (torch.isinf(out.scores[0]).sum(-1) == tiny_model.config.vocab_size - 5).all()
+
+
+def test_token_budget_is_exact(tiny_model, tiny_tokenizer):
+    cfg = SamplingConfig(max_new_tokens=10, batch_size=4)
+    rows = _sample(tiny_model, tiny_tokenizer, cfg, tokens=57)
+    assert sum(len(r) - 1 for r in rows) == 57
+
+
+def test_budget_arithmetic():
+    assert Budget(sequences=7).resolve() == (7, None)
+    assert Budget(tokens=100).resolve() == (None, 100)
+    assert Budget(fraction=0.1).resolve(task_size=4800) == (480, None)
+    assert Budget(fraction=0.5).resolve(task_size=5) == (3, None)  # half rounds up
+    assert Budget(fraction=0.001).resolve(task_size=10) == (1, None)  # never zero
+    with pytest.raises(GenerationError, match="task"):
+        Budget(fraction=0.1).resolve()
+    with pytest.raises(GenerationError, match="exactly one"):
+        Budget(sequences=1, tokens=2)
+    with pytest.raises(GenerationError, match="exactly one"):
+        Budget()
+    with pytest.raises(GenerationError, match="> 0"):
+        Budget(sequences=0)
+
+
+def test_sampling_config_validation():
+    with pytest.raises(GenerationError, match="temperature"):
+        SamplingConfig(temperature=0)
+    with pytest.raises(GenerationError, match="top_p"):
+        SamplingConfig(top_p=1.5)
+
+
+def test_tokenizer_without_bos_is_refused_then_start_token_works(tiny_model, tiny_tokenizer):
+    tiny_tokenizer.bos_token = None
+    assert tiny_tokenizer.bos_token_id is None
+    with pytest.raises(GenerationError, match="start_token"):
+        _sample(tiny_model, tiny_tokenizer, SamplingConfig(max_new_tokens=4), n=2)
+    cfg = SamplingConfig(max_new_tokens=4, start_token="</s>", stop_at_eos=False)
+    rows = _sample(tiny_model, tiny_tokenizer, cfg, n=3)
+    assert [r[0] for r in rows] == [tiny_tokenizer.eos_token_id] * 3
+    with pytest.raises(GenerationError, match="not a single token"):
+        _sample(tiny_model, tiny_tokenizer, SamplingConfig(start_token="<nope>"), n=1)
+
+
+def test_replay_directory_shards_and_manifest(tmp_path, tiny_model, tiny_tokenizer):
+    cfg = SamplingConfig(max_new_tokens=8, batch_size=4, seed=5)
+    manifest = generate_replay(tiny_model, tiny_tokenizer, tmp_path / "r", cfg, Budget(fraction=0.5),
+                               task_size=22, shard_size=5)
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [
+        "manifest.json", "shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow"]
+    on_disk = read_manifest(tmp_path / "r")
+    assert on_disk == json.loads(json.dumps(manifest))
+    assert on_disk["num_sequences"] == 11
+    ds = load_shards(tmp_path / "r")
+    assert len(ds) == 11
+    assert on_disk["num_generated_tokens"] == sum(len(r) - 1 for r in ds["input_ids"])
+    assert on_disk["model_fingerprint"] == model_fingerprint(tiny_model)
+    assert on_disk["tokenizer_fingerprint"] == tokenizer_fingerprint(tiny_tokenizer)
+    assert on_disk["sampling"] == cfg.to_dict()
+    assert on_disk["budget"]["max_sequences"] == 11 and on_disk["budget"]["task_size"] == 22
+    assert on_disk["start_token_id"] == tiny_tokenizer.bos_token_id
+    for key in ("package_version", "model", "versions", "created"):
+        assert key in on_disk
+    # same seed and settings -> byte-identical shards
+    generate_replay(tiny_model, tiny_tokenizer, tmp_path / "r2", cfg, Budget(sequences=11), shard_size=5)
+    for name in ("shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow"):
+        assert (tmp_path / "r" / name).read_bytes() == (tmp_path / "r2" / name).read_bytes()
+
+
+def test_existing_output_is_never_lost(tmp_path, tiny_model, tiny_tokenizer):
+    cfg = SamplingConfig(max_new_tokens=4, batch_size=4)
+    generate_replay(tiny_model, tiny_tokenizer, tmp_path / "r", cfg, Budget(sequences=3))
+    before = read_manifest(tmp_path / "r")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        generate_replay(tiny_model, tiny_tokenizer, tmp_path / "r", cfg, Budget(sequences=5))
+    assert read_manifest(tmp_path / "r") == before
+
+    def broken(*_):
+        yield [[1, 2, 3]]
+        raise RuntimeError("sampler died")
+
+    from cfs_lightning.generation.shards import write_shards
+
+    with pytest.raises(RuntimeError, match="sampler died"):
+        write_shards(tmp_path / "r", broken(), {}, overwrite=True)
+    assert read_manifest(tmp_path / "r") == before  # the old set survives a failed overwrite
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]  # no temporary directory left behind
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a replay directory"):
+        write_shards(tmp_path / "other", iter([]), {}, overwrite=True)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_manifest_mismatch_is_refused(tiny_replay_dir, tiny_model, tiny_tokenizer):
+    manifest = read_manifest(tiny_replay_dir)
+    check_manifest(manifest, tiny_tokenizer, tiny_model)  # matches: no error
+    with torch.no_grad():
+        tiny_model.lm_head.weight[0, 0] += 1.0
+    with pytest.raises(ReplayMismatchError, match="replay.strict"):
+        check_manifest(manifest, tiny_tokenizer, tiny_model)
+    tiny_tokenizer.add_tokens(["<extra>"])
+    with pytest.raises(ReplayMismatchError, match="tokeniz"):
+        check_manifest(manifest, tiny_tokenizer)
+
+
+def test_shards_are_memory_mapped(tiny_replay_dir):
+    ds = load_shards(tiny_replay_dir)
+    assert isinstance(ds, Dataset) and len(ds) == 40
+    assert all(t.cache_files for t in [ds]) and ds.cache_files[0]["filename"].endswith(".arrow")

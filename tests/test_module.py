@@ -1,0 +1,121 @@
+import lightning as L
+import pytest
+import torch
+
+from cfs_lightning.data import IGNORE_INDEX, ReplayConfig, ReplayDataModule, TaskSource
+from cfs_lightning.module import CausalLMFineTuner, CFSFineTuner
+from cfs_lightning.regularizers import NLLReplay, Regularizer
+
+
+def test_nll_replay_matches_float64_hand_computation():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11, dtype=torch.float64)
+    ids = torch.randint(0, 11, (3, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    batch = {"replay": {"input_ids": ids, "attention_mask": mask, "labels": labels}}
+    got = NLLReplay()(batch, {"replay": logits})
+    logp = logits.log_softmax(-1)
+    total, count = 0.0, 0
+    for b in range(3):
+        for t in range(5):
+            if mask[b, t + 1]:
+                total -= logp[b, t, ids[b, t + 1]].item()
+                count += 1
+    assert count == 5 + 3 + 1
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(total / count, rel=1e-12)
+
+
+def test_regularizer_names_default_and_must_be_unique(tiny_model_dir):
+    assert NLLReplay().name == "nll_replay"
+    with pytest.raises(ValueError, match="unique"):
+        CausalLMFineTuner(str(tiny_model_dir), regularizers=[NLLReplay(), NLLReplay()])
+    with pytest.raises(ValueError, match="weight"):
+        NLLReplay(weight=-1)
+
+
+class Spy(Regularizer):
+    """Records its lifecycle calls; its term is the mean squared replay logit."""
+
+    streams = ("replay",)
+
+    def __init__(self, weight=1.0, name=None):
+        super().__init__(weight, name)
+        self.calls = []
+
+    def setup(self, module):
+        self.calls.append("setup")
+
+    def __call__(self, batch, outputs):
+        self.calls.append("call")
+        return outputs["replay"].pow(2).mean()
+
+    def on_after_optimizer_step(self, module):
+        self.calls.append("step")
+
+
+def _datamodule(tiny_model_dir, tiny_task_files, tiny_replay_dir, ratio=0.5):
+    task = TaskSource(path="json", data_files=tiny_task_files, prompt="Q: {question}\nA:",
+                      response=" {answer}", val_split="test", max_length=512)
+    return ReplayDataModule(task, tokenizer=str(tiny_model_dir), batch_size=4, replay_ratio=ratio,
+                            val_batch_size=8,
+                            replay=ReplayConfig(dir=str(tiny_replay_dir), val_size=8))
+
+
+def test_terms_are_weighted_summed_and_logged(tiny_model_dir, tiny_task_files, tiny_replay_dir):
+    spy = Spy(weight=0.25)
+    model = CFSFineTuner(str(tiny_model_dir), replay_weight=2.0, regularizers=[spy])
+    assert [type(r) for r in model.regularizers] == [NLLReplay, Spy]
+    logged = {}
+
+    class Capture(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            logged.update({k: v.item() for k, v in trainer.callback_metrics.items()})
+            logged["returned"] = outputs["loss"].item()
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Capture()],
+                        limit_val_batches=2)
+    dm = _datamodule(tiny_model_dir, tiny_task_files, tiny_replay_dir)
+    trainer.fit(model, datamodule=dm)
+    assert spy.calls[0] == "setup" and spy.calls.count("step") == 2 and spy.calls.count("call") == 2
+    expected = logged["train/task_loss"] + 2.0 * logged["train/reg/nll_replay"] + 0.25 * logged["train/reg/spy"]
+    assert logged["train/loss"] == pytest.approx(expected, rel=1e-5)
+    assert logged["returned"] == pytest.approx(logged["train/loss"], rel=1e-5)
+    assert logged["train/reg/nll_replay"] > 0 and logged["train/reg/spy"] > 0
+    metrics = {k: v for d in trainer.validate(model, datamodule=dm, verbose=False) for k, v in d.items()}
+    assert set(metrics) == {"val/task_loss", "val/replay_nll"}
+    # val/replay_nll is the token-weighted NLL of the held-out replay sequences
+    replay_val = next(iter(dm.val_dataloader()[1]))["replay"]
+    with torch.no_grad():
+        from cfs_lightning.losses import mean_token_nll
+
+        expected_nll = mean_token_nll(model(replay_val["input_ids"], replay_val["attention_mask"]),
+                                      replay_val["labels"])
+    assert metrics["val/replay_nll"] == pytest.approx(expected_nll.item(), rel=1e-5)
+
+
+def test_replay_term_changes_the_gradient(tiny_model_dir, tiny_task_files, tiny_replay_dir):
+    """With the same seed, the replay term must move the weights differently."""
+    def train(regs):
+        L.seed_everything(0)
+        model = CausalLMFineTuner(str(tiny_model_dir), regularizers=regs)
+        L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0).fit(
+            model, datamodule=_datamodule(tiny_model_dir, tiny_task_files, tiny_replay_dir))
+        return model.model.lm_head.weight.detach().clone()
+
+    assert not torch.allclose(train([]), train([NLLReplay()]))
+
+
+def test_missing_replay_stream_names_the_fix(tiny_model_dir, tiny_task_files, tiny_replay_dir):
+    model = CFSFineTuner(str(tiny_model_dir))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    with pytest.raises(KeyError, match="replay_ratio > 0"):
+        trainer.fit(model, datamodule=_datamodule(tiny_model_dir, tiny_task_files, tiny_replay_dir, ratio=0))
+
+
+def test_model_trains_in_train_mode(tiny_model_dir):
+    assert CausalLMFineTuner(str(tiny_model_dir)).model.training
