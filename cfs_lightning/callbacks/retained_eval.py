@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
-import logging
+import random
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
-log = logging.getLogger(__name__)
 
 
 def load_task_yaml(path: str | Path) -> dict[str, Any]:
@@ -95,7 +95,7 @@ class RetainedEval(L.Callback):
         return [load_task_yaml(t) if t.endswith((".yaml", ".yml")) else t for t in self.tasks]
 
     def evaluate(self, pl_module: L.LightningModule) -> tuple[dict[str, float], dict[str, bool]]:
-        """Scores of the module's model now; train mode and RNG state are left as they were."""
+        """Scores of the module's model now; train mode and RNG states are left as they were."""
         specs = self._task_specs()
         if self._task_manager is None:
             # Indexing lm-eval's built-in tasks takes seconds: only when a name needs it.
@@ -104,8 +104,9 @@ class RetainedEval(L.Callback):
         was_training = model.training
         lm = HFLM(pretrained=model, tokenizer=pl_module.tokenizer, batch_size=self.batch_size,
                   max_length=self.max_length, add_bos_token=self.add_bos_token)
+        py_state, np_state = random.getstate(), np.random.get_state()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 results = simple_evaluate(
                     model=lm, tasks=specs, limit=self.limit, bootstrap_iters=0, log_samples=False,
                     task_manager=self._task_manager, random_seed=None, numpy_random_seed=None,
@@ -113,6 +114,8 @@ class RetainedEval(L.Callback):
                 )
         finally:
             model.train(was_training)  # lm-eval calls model.eval()
+            random.setstate(py_state)
+            np.random.set_state(np_state)
         return _flatten(results)
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:

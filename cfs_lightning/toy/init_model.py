@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from ..io import atomic_dir
@@ -19,7 +19,12 @@ SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
 def train_tokenizer(files: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with BOS/EOS/PAD; encoding prepends BOS, as Llama tokenizers do."""
+    """Byte-level BPE with BOS/EOS/PAD.
+
+    Encoding adds no special tokens (GPT-2 style): cfs_lightning adds the start token itself, and
+    lm-eval's rolling log-likelihood prepends BOS on its own, so a BOS-adding tokenizer would
+    score a spurious BOS-after-BOS in every retained-ability document.
+    """
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         raise FileNotFoundError(f"tokenizer training files not found: {missing}")
@@ -33,10 +38,6 @@ def train_tokenizer(files: list[str], vocab_size: int) -> PreTrainedTokenizerFas
         show_progress=False,
     )
     tok.train(files, trainer)
-    bos = SPECIAL_TOKENS["bos_token"]
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
-    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
 
 

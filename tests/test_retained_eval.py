@@ -1,0 +1,111 @@
+import json
+import math
+import random
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from cfs_lightning.callbacks import RetainedEval
+from cfs_lightning.data import ReplayDataModule, TaskSource
+from cfs_lightning.module import CausalLMFineTuner
+
+from .conftest import write_jsonl
+
+DOCS = ["To be, or not to be: that is the question.", "Friends, Romans, countrymen, lend me your ears.",
+        "All the world's a stage."]
+TASK_YAML = """
+task: toy_rolling
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {data}}}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: bits_per_byte
+    aggregation: bits_per_byte
+    higher_is_better: false
+"""
+CHOICE_YAML = """
+task: toy_choice
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {data}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{text}}}}"
+doc_to_choice: [" yes", " no"]
+doc_to_target: 0
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.fixture
+def task_files(tmp_path):
+    (tmp_path / "tasks" / "data").mkdir(parents=True)
+    write_jsonl(tmp_path / "tasks" / "data" / "docs.jsonl", [{"text": d} for d in DOCS])
+    rolling = tmp_path / "tasks" / "rolling.yaml"
+    rolling.write_text(TASK_YAML.format(data="data/docs.jsonl"))  # relative to the YAML
+    choice = tmp_path / "tasks" / "choice.yaml"
+    choice.write_text(CHOICE_YAML.format(data="data/docs.jsonl"))
+    return [str(rolling), str(choice)]
+
+
+def _hand_bits_per_byte(model, tok) -> float:
+    total, n_bytes = 0.0, 0
+    for doc in DOCS:
+        ids = torch.tensor([[tok.bos_token_id] + tok.encode(doc, add_special_tokens=False)])
+        with torch.no_grad():
+            logp = model(input_ids=ids).logits.double().log_softmax(-1)
+        total += logp[0, :-1].gather(-1, ids[0, 1:, None]).sum().item()
+        n_bytes += len(doc.encode())
+    return -total / n_bytes / math.log(2)
+
+
+def test_scores_match_a_hand_computation_and_forget_is_signed(tmp_path, task_files, tiny_model_dir,
+                                                               tiny_task_files, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the tasks folder: data_files must resolve against the YAML
+    model = CausalLMFineTuner(str(tiny_model_dir), optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    baseline_bpb = _hand_bits_per_byte(model.model.eval(), model.tokenizer)
+    model.model.train()
+    callback = RetainedEval(tasks=task_files, batch_size=2)
+    dm = ReplayDataModule(TaskSource(path="json", data_files=tiny_task_files, prompt="{question}",
+                                     response=" {answer}"), tokenizer=str(tiny_model_dir), batch_size=8)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=4, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, callbacks=[callback],
+                        default_root_dir=str(tmp_path))
+    random.seed(7)
+    torch.manual_seed(7)
+    expected_draw = (random.random(), torch.rand(1))
+    random.seed(7)
+    torch.manual_seed(7)
+    callback.evaluate(model)
+    assert (random.random(), torch.rand(1)) == expected_draw  # lm-eval leaves the RNGs alone
+    assert model.model.training  # and train mode is restored
+
+    trainer.fit(model, datamodule=dm)
+    start, end = callback.history
+    assert start["eval/toy_rolling/bits_per_byte"] == pytest.approx(baseline_bpb, rel=1e-4)
+    assert end["eval/toy_rolling/bits_per_byte"] == pytest.approx(
+        _hand_bits_per_byte(model.model.eval(), model.tokenizer), rel=1e-4)
+    assert start["forget/toy_rolling/bits_per_byte"] == 0.0
+    # lower is better: forget = now - start
+    assert end["forget/toy_rolling/bits_per_byte"] == pytest.approx(
+        end["eval/toy_rolling/bits_per_byte"] - start["eval/toy_rolling/bits_per_byte"])
+    assert end["forget/toy_rolling/bits_per_byte"] != 0.0
+    # higher is better: forget = start - now
+    assert end["forget/toy_choice/acc"] == pytest.approx(start["eval/toy_choice/acc"] - end["eval/toy_choice/acc"])
+    assert trainer.callback_metrics["forget/toy_rolling/bits_per_byte"].item() == pytest.approx(
+        end["forget/toy_rolling/bits_per_byte"])
+    assert len(json.loads((Path(trainer.log_dir) / "retained_eval.json").read_text())) == 2
+
+
+def test_bad_task_path_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        RetainedEval(tasks=[str(tmp_path / "nope.yaml")])._task_specs()
