@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
-from jsonargparse import CLI
+from jsonargparse import CLI, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -18,6 +18,9 @@ from .callbacks import HFExport
 from .data import ReplayDataModule, TaskSource
 from .generation import Budget, SamplingConfig, generate_replay
 from .module import CausalLMFineTuner
+
+# Config dataclasses document their fields with attribute docstrings; show them in --help.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 USAGE = """usage: cfs COMMAND --config FILE.yaml [--key=value ...]
 

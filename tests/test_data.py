@@ -145,3 +145,24 @@ def test_collated_task_batch_is_long(tiny_model_dir, tiny_task_files):
     dm.setup("fit")
     b = next(iter(dm.train_dataloader()))[0]["task"]
     assert all(t.dtype == torch.long for t in b.values())
+
+
+def test_prepare_data_generates_missing_shards_from_the_model(tmp_path, tiny_model_dir, tiny_task_files):
+    import lightning as L
+
+    from cfs_lightning.data import ReplayGeneration
+    from cfs_lightning.generation import Budget, SamplingConfig, model_fingerprint, read_manifest
+    from cfs_lightning.module import CFSFineTuner
+
+    replay_dir = tmp_path / "generated"
+    gen = ReplayGeneration(SamplingConfig(max_new_tokens=8, batch_size=8), Budget(fraction=0.25))
+    dm = ReplayDataModule(_source(tiny_task_files), tokenizer=str(tiny_model_dir), batch_size=4, replay_ratio=0.5,
+                          replay=ReplayConfig(dir=str(replay_dir), val_size=2, generate=gen))
+    model = CFSFineTuner(str(tiny_model_dir))
+    base_print = model_fingerprint(model.model)
+    L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0).fit(model, datamodule=dm)
+    manifest = read_manifest(replay_dir)
+    assert manifest["num_sequences"] == 16  # 25% of the 64 task examples
+    assert manifest["model_fingerprint"] == base_print  # sampled before any training step
+    assert model.model.training
