@@ -15,13 +15,13 @@ from .conftest import write_jsonl
 
 DOCS = ["To be, or not to be: that is the question.", "Friends, Romans, countrymen, lend me your ears.",
         "All the world's a stage."]
-TASK_YAML = """
-task: toy_rolling
+_SOURCE = """
 dataset_path: json
 dataset_kwargs:
   data_files: {{test: {data}}}
 test_split: test
-output_type: loglikelihood_rolling
+"""
+TASK_YAML = "task: toy_rolling" + _SOURCE + """output_type: loglikelihood_rolling
 doc_to_text: ""
 doc_to_target: "{{{{text}}}}"
 metric_list:
@@ -29,13 +29,7 @@ metric_list:
     aggregation: bits_per_byte
     higher_is_better: false
 """
-CHOICE_YAML = """
-task: toy_choice
-dataset_path: json
-dataset_kwargs:
-  data_files: {{test: {data}}}
-test_split: test
-output_type: multiple_choice
+CHOICE_YAML = "task: toy_choice" + _SOURCE + """output_type: multiple_choice
 doc_to_text: "{{{{text}}}}"
 doc_to_choice: [" yes", " no"]
 doc_to_target: 0
