@@ -16,7 +16,6 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
 
-
 def load_task_yaml(path: str | Path) -> dict[str, Any]:
     """An lm-eval task config from a YAML file, its relative `data_files` made absolute.
 

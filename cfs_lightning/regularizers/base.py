@@ -11,6 +11,11 @@ if TYPE_CHECKING:
     from ..module import CausalLMFineTuner
 
 
+def _snake_case(name: str) -> str:
+    """`NLLReplay` -> `nll_replay`, `KLToReference` -> `kl_to_reference`."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
 class Regularizer:
     """One term of the fine-tuning objective: loss = task_loss + sum_i weight_i * term_i.
 
@@ -37,7 +42,7 @@ class Regularizer:
         if weight < 0:
             raise ValueError(f"{type(self).__name__}.weight must be >= 0, got {weight}")
         self.weight = weight
-        self.name = name or re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", type(self).__name__).lower()
+        self.name = name or _snake_case(type(self).__name__)
 
     def setup(self, module: CausalLMFineTuner) -> None:
         """Called once with the LightningModule before training starts."""

@@ -126,4 +126,3 @@ def _run_jsonargparse(fn, config: str, overrides: dict) -> object:
     """Call a `cfs generate`/`cfs init` function with its YAML config and some fields replaced."""
     args = ["--config", config] + [f"--{k}={v}" for k, v in overrides.items()]
     return CLI(fn, args=args, as_positional=False)
-
