@@ -72,6 +72,7 @@ def generate(
     device: str = "auto",
     shard_size: int = 10_000,
     overwrite: bool = False,
+    store_topk: int = 0,
     trust_remote_code: bool = False,
 ) -> dict:
     """Sample context-free replay sequences from a base model into Arrow shards + manifest.json.
@@ -87,6 +88,8 @@ def generate(
         device: `auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`, ...
         shard_size: Sequences per Arrow shard.
         overwrite: Replace an existing replay directory (only once the new one is complete).
+        store_topk: Also cache the model's top-k next-token log-probabilities at every position
+            (k per token; needed by `KLFromCachedTopK`); 0: none.
         trust_remote_code: Allow model code shipped with the checkpoint to run.
     """
     task_size = len(task.load(task.split)) if task is not None and budget.fraction else None
@@ -98,7 +101,8 @@ def generate(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     manifest = generate_replay(lm.to(device), tok, output_dir, sampling, budget,
-                               task_size=task_size, shard_size=shard_size, overwrite=overwrite)
+                               task_size=task_size, shard_size=shard_size, overwrite=overwrite,
+                               store_topk=store_topk)
     print(f"wrote {manifest['num_sequences']} sequences, {manifest['num_generated_tokens']} "
           f"generated tokens to {Path(output_dir)}")
     return manifest

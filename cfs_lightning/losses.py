@@ -1,9 +1,13 @@
-"""Token-level negative log-likelihood shared by the task loss, replay NLL and validation."""
+"""Token-level losses: the NLL shared by the task loss, replay NLL and validation, and a chunked
+per-position mean for full-vocabulary divergences."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .data.collate import IGNORE_INDEX
 
@@ -30,4 +34,40 @@ def mean_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     total, count = token_nll(logits, labels)
     if count == 0:
         raise ValueError("a batch has no target token (every label is IGNORE_INDEX)")
+    return total / count
+
+
+def chunked_target_mean(
+    per_token: Callable[..., torch.Tensor],
+    labels: torch.Tensor,
+    *inputs: torch.Tensor,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Mean of `per_token(*chunk_of_inputs)` over target positions, a chunk of positions at a time.
+
+    Position t counts when labels[:, t + 1] is a target. Each input is (B, T, ...) and is sliced
+    along T; every chunk runs under activation checkpointing, so its (B, chunk, V)-sized
+    intermediates are freed after the forward and recomputed in the backward instead of being
+    kept for the whole sequence.
+
+    Args:
+        per_token: Maps input chunks to a (B, chunk) tensor of per-position values.
+        labels: (B, T) targets, IGNORE_INDEX where no loss is taken.
+        chunk_size: Positions per chunk; None: the whole sequence at once.
+    """
+    valid = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts target t+1
+    count = valid.sum()
+    if count == 0:
+        raise ValueError("a batch has no target token (every label is IGNORE_INDEX)")
+    width = valid.size(1)
+    step = chunk_size or width
+
+    def chunk_sum(mask: torch.Tensor, *chunk: torch.Tensor) -> torch.Tensor:
+        return (per_token(*chunk) * mask).sum()
+
+    total = 0.0
+    for start in range(0, width, step):
+        sl = slice(start, min(start + step, width))
+        total = total + checkpoint(chunk_sum, valid[:, sl], *(x[:, sl] for x in inputs),
+                                   use_reentrant=False)
     return total / count

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from peft import PeftModel
 from torch import nn
 from torchmetrics import MeanMetric
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .lora import LoRA, apply_lora, save_merged, unwrap
 from .losses import mean_token_nll, token_nll
+from .reference import FrozenReference, resolve_reference_mode
 from .regularizers import NLLReplay, Regularizer
 
 VAL_KEYS = {"task": "task_loss", "replay": "replay_nll"}
@@ -22,6 +30,9 @@ class CausalLMFineTuner(L.LightningModule):
     Every training batch is a dict of streams (`task`, and `replay` when the DataModule mixes it
     in). The task loss is the response-masked NLL; each regularizer's term is logged under
     `train/reg/<name>`, their weighted sum with the task loss under `train/loss`.
+
+    The module owns the frozen reference model when a regularizer needs one (`reference`), and
+    optionally trains LoRA adapters instead of all weights (`lora`).
     """
 
     def __init__(
@@ -33,6 +44,8 @@ class CausalLMFineTuner(L.LightningModule):
         tokenizer: str | None = None,
         dtype: str | None = None,
         trust_remote_code: bool = False,
+        reference: Literal["auto", "none", "copy", "adapters_disabled"] = "auto",
+        lora: LoRA | None = None,
     ) -> None:
         """
         Args:
@@ -44,6 +57,12 @@ class CausalLMFineTuner(L.LightningModule):
             dtype: Weight dtype to load (`float32`, `bfloat16`, ...); default float32. Use the
                 trainer's `precision` for mixed precision.
             trust_remote_code: Allow model code shipped with the checkpoint to run.
+            reference: The frozen reference for regularizers that need one (`KLToReference`):
+                `copy` (a frozen copy of the initial weights), `adapters_disabled` (with LoRA: the
+                same weights, adapters off, no second copy), `none`, or `auto`: none unless a
+                regularizer needs it, then `adapters_disabled` with LoRA and `copy` without.
+            lora: Train low-rank adapters (peft) instead of all weights; the export then holds
+                the merged model and, under `adapter/`, the adapter alone.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["regularizers", "optimizer", "lr_scheduler"])
@@ -52,11 +71,18 @@ class CausalLMFineTuner(L.LightningModule):
         if len(set(names)) != len(names):
             raise ValueError(f"regularizer names must be unique, got {names}; set `name` on each")
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.model = AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             pretrained,
             dtype=getattr(torch, dtype) if dtype else torch.float32,
             trust_remote_code=trust_remote_code,
         ).train()  # from_pretrained returns eval mode; Lightning keeps modules' modes as given
+        mode = resolve_reference_mode(reference, any(r.needs_reference for r in self.regularizers),
+                                      lora is not None)
+        # A plain attribute, not a submodule: never in the optimizer, state_dict or checkpoints.
+        self.reference: FrozenReference | None = FrozenReference(model, "copy") if mode == "copy" else None
+        self.model = apply_lora(model, lora) if lora is not None else model
+        if mode == "adapters_disabled":
+            self.reference = FrozenReference(self.model, mode)
         self.tokenizer = AutoTokenizer.from_pretrained(
             tokenizer or pretrained, trust_remote_code=trust_remote_code
         )
@@ -80,19 +106,32 @@ class CausalLMFineTuner(L.LightningModule):
             )
         return {s: self(batch[s]["input_ids"], batch[s]["attention_mask"]) for s in streams}
 
+    @property
+    def hf_model(self) -> PreTrainedModel:
+        """The transformers model being trained (LoRA layers included when `lora` is set)."""
+        return unwrap(self.model)
+
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def setup(self, stage: str) -> None:
-        if stage == "fit":
+    def configure_model(self) -> None:
+        # Regularizers snapshot theta_0 / averages here: after the model exists in its final
+        # (possibly sharded) form and before a checkpoint is restored over it.
+        if self._trainer is not None and self.trainer.state.fn == "fit":
             for reg in self.regularizers:
                 reg.setup(self)
 
+    def on_fit_start(self) -> None:
+        if self.reference is not None:
+            dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+            self.reference.to(self.device, dtype)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        streams = {"task"}.union(*(r.streams for r in self.regularizers))
+        terms = [r for r in self.regularizers if r.adds_term]
+        streams = {"task"}.union(*(r.streams for r in terms))
         outputs = self._logits(batch, streams)
         task_loss = mean_token_nll(outputs["task"], batch["task"]["labels"])
         logs, loss = {"train/task_loss": task_loss}, task_loss
-        for reg in self.regularizers:
+        for reg in terms:
             term = reg(batch, outputs)
             logs[f"train/reg/{reg.name}"] = term
             loss = loss + reg.weight * term
@@ -105,6 +144,51 @@ class CausalLMFineTuner(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         for reg in self.regularizers:
             reg.on_after_optimizer_step(self)
+
+    @contextlib.contextmanager
+    def evaluation_weights(self) -> Iterator[None]:
+        """The weights to evaluate with (an EMA's average when it asks for it), restored after."""
+        with contextlib.ExitStack() as stack:
+            for reg in self.regularizers:
+                stack.enter_context(reg.eval_weights(self))
+            yield
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_stack = contextlib.ExitStack()
+        self._eval_stack.enter_context(self.evaluation_weights())
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_stack.close()
+
+    def on_train_end(self) -> None:
+        for reg in self.regularizers:
+            reg.on_train_end(self)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = {r.name: r.state_dict() for r in self.regularizers}
+        checkpoint["regularizers"] = {k: v for k, v in states.items() if v}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is None or self.trainer.state.fn != "fit":
+            return  # regularizer state matters only to a resumed fit
+        saved = checkpoint.get("regularizers", {})
+        for reg in self.regularizers:
+            if reg.name in saved:
+                reg.load_state_dict(saved[reg.name])
+            elif reg.state_dict():
+                raise KeyError(
+                    f"regularizer {reg.name!r} keeps state, but the checkpoint has none for it "
+                    f"(it holds {sorted(saved) or 'none'}); resume with the regularizers it was "
+                    "saved with, or start a new fit from its exported weights"
+                )
+
+    def save_pretrained(self, out: str | Path) -> None:
+        """Write the model and tokenizer as a Hugging Face checkpoint (LoRA: merged + `adapter/`)."""
+        if isinstance(self.model, PeftModel):
+            save_merged(self.model, out)
+        else:
+            self.model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
 
     def _eval_step(self, batch: dict, metrics: nn.ModuleDict, prefix: str) -> None:
         ((stream, b),) = batch.items()

@@ -53,7 +53,7 @@ def tiny_task_files(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def tiny_replay_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """40 context-free sequences sampled from the tiny model."""
+    """40 context-free sequences sampled from the tiny model, with its top-8 log-probabilities."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cfs_lightning.generation import Budget, SamplingConfig, generate_replay
@@ -62,7 +62,7 @@ def tiny_replay_dir(tmp_path_factory, tiny_model_dir) -> Path:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     generate_replay(model, tok, out, SamplingConfig(max_new_tokens=24, batch_size=16),
-                    Budget(sequences=40), shard_size=16)
+                    Budget(sequences=40), shard_size=16, store_topk=8)
     return out
 
 

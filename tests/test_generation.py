@@ -20,7 +20,7 @@ from cfs_lightning.generation import (
 
 
 def _sample(model, tok, cfg, n=None, tokens=None):
-    return [row for rows in sample_context_free(model, tok, cfg, n, tokens) for row in rows]
+    return [rec["input_ids"] for recs in sample_context_free(model, tok, cfg, n, tokens) for rec in recs]
 
 
 def test_sequences_start_with_one_bos_and_stop_after_eos(tiny_model, tiny_tokenizer):
@@ -148,7 +148,7 @@ def test_existing_output_is_never_lost(tmp_path, tiny_model, tiny_tokenizer):
     assert read_manifest(tmp_path / "r") == before
 
     def broken(*_):
-        yield [[1, 2, 3]]
+        yield [{"input_ids": [1, 2, 3]}]
         raise RuntimeError("sampler died")
 
     from cfs_lightning.generation.shards import write_shards

@@ -14,6 +14,8 @@ from ..io import atomic_dir
 class HFExport(L.Callback):
     """`save_pretrained` of the trained model and its tokenizer when fit ends.
 
+    With LoRA the directory holds the merged model and, under `adapter/`, the adapter alone.
+
     The directory is written beside itself and renamed into place when complete, so a crash never
     leaves a half-written checkpoint, and an existing export is replaced only by a finished one.
     """
@@ -33,8 +35,7 @@ class HFExport(L.Callback):
         out = Path(self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hf_model"))
         if trainer.is_global_zero:
             with atomic_dir(out) as tmp:
-                pl_module.model.save_pretrained(tmp)
-                pl_module.tokenizer.save_pretrained(tmp)
+                pl_module.save_pretrained(tmp)
             rank_zero_info(f"Hugging Face checkpoint written to {out}")
         self.last_path = out
         trainer.strategy.barrier("hf_export")

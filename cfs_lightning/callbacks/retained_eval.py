@@ -14,6 +14,7 @@ from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def load_task_yaml(path: str | Path) -> dict[str, Any]:
@@ -54,6 +55,46 @@ def _flatten(results: dict) -> tuple[dict[str, float], dict[str, bool]]:
     return values, better
 
 
+def task_specs(tasks: list[str]) -> list[str | dict]:
+    """lm-eval task names as given, task YAML paths loaded (`load_task_yaml`)."""
+    return [load_task_yaml(t) if t.endswith((".yaml", ".yml")) else t for t in tasks]
+
+
+def evaluate_lm(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: list[str | dict],
+    batch_size: int = 16,
+    limit: int | float | None = None,
+    max_length: int | None = None,
+    add_bos_token: bool | None = None,
+    task_manager: TaskManager | None = None,
+) -> tuple[dict[str, float], dict[str, bool]]:
+    """lm-eval scores of an in-memory model: ({"<task>/<metric>": value}, {...: higher_is_better}).
+
+    The model's train/eval mode and the Python, NumPy and torch RNG states are left as they were.
+    """
+    if task_manager is None:
+        # Indexing lm-eval's built-in tasks takes seconds: only when a name needs it.
+        task_manager = TaskManager(include_defaults=any(isinstance(t, str) for t in tasks))
+    was_training = model.training
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+              max_length=max_length, add_bos_token=add_bos_token)
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            results = simple_evaluate(
+                model=lm, tasks=tasks, limit=limit, bootstrap_iters=0, log_samples=False,
+                task_manager=task_manager, random_seed=None, numpy_random_seed=None,
+                torch_random_seed=None,
+            )
+    finally:
+        model.train(was_training)  # lm-eval calls model.eval()
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    return _flatten(results)
+
+
 class RetainedEval(L.Callback):
     """Runs lm-eval on the in-memory model at fit start and at the end of every `every_n_epochs`.
 
@@ -90,32 +131,14 @@ class RetainedEval(L.Callback):
         self.history: list[dict[str, Any]] = []
         self._task_manager: TaskManager | None = None
 
-    def _task_specs(self) -> list[str | dict]:
-        return [load_task_yaml(t) if t.endswith((".yaml", ".yml")) else t for t in self.tasks]
-
     def evaluate(self, pl_module: L.LightningModule) -> tuple[dict[str, float], dict[str, bool]]:
-        """Scores of the module's model now; train mode and RNG states are left as they were."""
-        specs = self._task_specs()
+        """Scores of the module's model now (its evaluation weights, e.g. an EMA average)."""
+        specs = task_specs(self.tasks)
         if self._task_manager is None:
-            # Indexing lm-eval's built-in tasks takes seconds: only when a name needs it.
             self._task_manager = TaskManager(include_defaults=any(isinstance(s, str) for s in specs))
-        model = pl_module.model
-        was_training = model.training
-        lm = HFLM(pretrained=model, tokenizer=pl_module.tokenizer, batch_size=self.batch_size,
-                  max_length=self.max_length, add_bos_token=self.add_bos_token)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                results = simple_evaluate(
-                    model=lm, tasks=specs, limit=self.limit, bootstrap_iters=0, log_samples=False,
-                    task_manager=self._task_manager, random_seed=None, numpy_random_seed=None,
-                    torch_random_seed=None,
-                )
-        finally:
-            model.train(was_training)  # lm-eval calls model.eval()
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-        return _flatten(results)
+        with pl_module.evaluation_weights():
+            return evaluate_lm(pl_module.hf_model, pl_module.tokenizer, specs, self.batch_size,
+                               self.limit, self.max_length, self.add_bos_token, self._task_manager)
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         scores = self.evaluate(pl_module) if trainer.is_global_zero else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
@@ -25,8 +26,23 @@ def pad_batch(
     return {"input_ids": ids, "attention_mask": mask, "labels": lab}
 
 
+def pad_topk(rows: Sequence[dict], width: int) -> dict[str, torch.Tensor]:
+    """(B, T, k) `topk_ids` (int64) and `topk_logprobs` (float32) from replay rows; position t holds
+    the base model's top-k over token t + 1, padding positions hold zeros (they carry no label)."""
+    k = len(rows[0]["topk_ids"][0])
+    ids = torch.zeros((len(rows), width, k), dtype=torch.long)
+    logprobs = torch.zeros((len(rows), width, k), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        n = len(row["topk_ids"])
+        if n:
+            ids[i, :n] = torch.as_tensor(np.stack(row["topk_ids"]), dtype=torch.long)
+            logprobs[i, :n] = torch.as_tensor(np.stack(row["topk_logprobs"]), dtype=torch.float32)
+    return {"topk_ids": ids, "topk_logprobs": logprobs}
+
+
 class Collator:
-    """Collate rows of `input_ids` (and `labels`, else every token is a target).
+    """Collate rows of `input_ids` (and `labels`, else every token is a target; and the cached
+    top-k columns of replay rows when present).
 
     With `stream` set, the batch comes wrapped as `{stream: batch}`: validation loaders run one
     after another, and the wrapper tells the module which stream a batch belongs to.
@@ -39,4 +55,6 @@ class Collator:
         ids = [r["input_ids"] for r in rows]
         labels = [r["labels"] for r in rows] if "labels" in rows[0] else ids
         batch = pad_batch(ids, labels, self.pad_id)
+        if "topk_ids" in rows[0]:
+            batch.update(pad_topk(rows, batch["input_ids"].size(1)))
         return batch if self.stream is None else {self.stream: batch}

@@ -89,7 +89,7 @@ class ReplayDataModule(L.LightningDataModule):
         """The model being fine-tuned, at its initial weights, when a trainer is attached."""
         if self.trainer is None or self.trainer.lightning_module is None:
             return None
-        return self.trainer.lightning_module.model
+        return self.trainer.lightning_module.hf_model
 
     def prepare_data(self) -> None:
         """Generate the replay shards if they are missing and a generation block is given."""
@@ -106,7 +106,7 @@ class ReplayDataModule(L.LightningDataModule):
         gen = self.replay.generate
         task_size = len(self.task.load(self.task.split)) if gen.budget.fraction else None
         generate_replay(model, self._load_tokenizer(), self.replay.dir, gen.sampling, gen.budget,
-                        task_size=task_size, shard_size=gen.shard_size)
+                        task_size=task_size, shard_size=gen.shard_size, store_topk=gen.store_topk)
 
     def setup(self, stage: str | None = None) -> None:
         tok = self._load_tokenizer()

@@ -21,6 +21,8 @@ class ReplayGeneration:
     """How much to generate; `fraction` counts task training examples."""
     shard_size: int = 10_000
     """Sequences per Arrow shard."""
+    store_topk: int = 0
+    """Also cache the base model's top-k next-token log-probabilities (for KLFromCachedTopK)."""
 
 
 @dataclass

@@ -26,10 +26,13 @@ def generate_replay(
     task_size: int | None = None,
     shard_size: int = 10_000,
     overwrite: bool = False,
+    store_topk: int = 0,
 ) -> dict:
     """Sample context-free replay from `model` into `output_dir`; return the manifest.
 
-    The model is put in eval mode for sampling and given back in the mode it came in.
+    With `store_topk=k` the shards also cache the model's top-k next-token log-probabilities at
+    every position (for `KLFromCachedTopK`). The model is put in eval mode for sampling and given
+    back in the mode it came in.
     """
     start_id = resolve_start_token(tokenizer, sampling.start_token)  # fail before any work
     max_sequences, max_tokens = budget.resolve(task_size)
@@ -47,6 +50,7 @@ def generate_replay(
         "start_token_id": start_id,
         "eos_token_id": tokenizer.eos_token_id,
         "sampling": sampling.to_dict(),
+        "store_topk": store_topk,
         "budget": {"requested": vars(budget), "task_size": task_size,
                    "max_sequences": max_sequences, "max_tokens": max_tokens},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
@@ -55,7 +59,7 @@ def generate_replay(
     model.eval()
     try:
         batches = _with_progress(
-            sample_context_free(model, tokenizer, sampling, max_sequences, max_tokens),
+            sample_context_free(model, tokenizer, sampling, max_sequences, max_tokens, store_topk),
             total=max_sequences or max_tokens,
             unit="seq" if max_sequences else "tok",
         )
@@ -69,11 +73,11 @@ def _with_progress(batches, total: int, unit: str):
     bar = tqdm(total=total, unit=unit, desc="context-free sampling", dynamic_ncols=True)
     start, tokens = time.perf_counter(), 0
     try:
-        for rows in batches:
-            n_tok = sum(len(r) - 1 for r in rows)
+        for records in batches:
+            n_tok = sum(len(r["input_ids"]) - 1 for r in records)
             tokens += n_tok
-            bar.update(len(rows) if unit == "seq" else n_tok)
+            bar.update(len(records) if unit == "seq" else n_tok)
             bar.set_postfix(tok_per_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}")
-            yield rows
+            yield records
     finally:
         bar.close()

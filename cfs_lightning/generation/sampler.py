@@ -15,7 +15,13 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 
 class GenerationError(ValueError):
@@ -137,6 +143,30 @@ def _trim(row: list[int], eos_id: int | None, stop_at_eos: bool) -> list[int]:
     return row
 
 
+class TopKRecorder(LogitsProcessor):
+    """Records the model's top-k next-token log-probabilities at every step; changes nothing.
+
+    Appended after transformers' own processors, which with `_generation_config`'s settings
+    leave the logits as the model produced them: the record is p_base at temperature 1 whatever
+    temperature or truncation the sampling uses.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.ids: list[torch.Tensor] = []
+        self.logprobs: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        top = scores.float().log_softmax(-1).topk(self.k, dim=-1)  # sorted, most likely first
+        self.ids.append(top.indices.to(torch.int32))
+        self.logprobs.append(top.values)
+        return scores
+
+    def per_row(self) -> tuple[list, list]:
+        """(B, steps, k) ids and log-probabilities as nested lists."""
+        return (torch.stack(self.ids, 1).tolist(), torch.stack(self.logprobs, 1).tolist())
+
+
 @torch.no_grad()
 def sample_context_free(
     model: PreTrainedModel,
@@ -144,14 +174,21 @@ def sample_context_free(
     cfg: SamplingConfig,
     max_sequences: int | None,
     max_tokens: int | None,
-) -> Iterator[list[list[int]]]:
-    """Yield batches of sampled sequences (token ids, start token first) until the budget is met.
+    store_topk: int = 0,
+) -> Iterator[list[dict]]:
+    """Yield batches of sampled records until the budget is met.
 
-    Each batch is seeded from (cfg.seed, batch index), so the stream is reproducible; the caller's
-    RNG state is left untouched.
+    A record holds `input_ids` (start token first) and, with `store_topk=k`, `topk_ids` and
+    `topk_logprobs`: for each position t < len(input_ids) - 1, the model's k most likely next
+    tokens and their log-probabilities (temperature 1), i.e. its distribution over token t + 1.
+    Each batch is seeded from (cfg.seed, batch index), so the stream is reproducible (recording
+    the top-k does not change it); the caller's RNG state is left untouched.
     """
     if (max_sequences is None) == (max_tokens is None):
         raise GenerationError("give exactly one of max_sequences, max_tokens")
+    vocab = model.get_output_embeddings().weight.size(0)
+    if not 0 <= store_topk < vocab:
+        raise GenerationError(f"store_topk must be in [0, {vocab}) (the vocabulary size), got {store_topk}")
     start_id = resolve_start_token(tokenizer, cfg.start_token)
     gen_cfg = _generation_config(cfg, tokenizer)
     device = next(model.parameters()).device
@@ -160,28 +197,36 @@ def sample_context_free(
         max_tokens is None or done_tokens < max_tokens
     ):
         n = cfg.batch_size if max_sequences is None else min(cfg.batch_size, max_sequences - done_seqs)
+        recorder = TopKRecorder(store_topk) if store_topk else None
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(cfg.seed * 1_000_003 + batch_index)
             start = torch.full((n, 1), start_id, dtype=torch.long, device=device)
             out = model.generate(
-                input_ids=start, attention_mask=torch.ones_like(start), generation_config=gen_cfg
+                input_ids=start, attention_mask=torch.ones_like(start), generation_config=gen_cfg,
+                logits_processor=LogitsProcessorList([recorder] if recorder else []),
             )
-        rows = [_trim(r, tokenizer.eos_token_id, cfg.stop_at_eos) for r in out.tolist()]
+        records = [{"input_ids": _trim(r, tokenizer.eos_token_id, cfg.stop_at_eos)} for r in out.tolist()]
+        if recorder is not None:
+            for rec, ids, logprobs in zip(records, *recorder.per_row(), strict=True):
+                n_gen = len(rec["input_ids"]) - 1
+                rec["topk_ids"], rec["topk_logprobs"] = ids[:n_gen], logprobs[:n_gen]
         if max_tokens is not None:
-            rows = _fit_token_budget(rows, max_tokens - done_tokens)
-        done_seqs += len(rows)
-        done_tokens += sum(len(r) - 1 for r in rows)
+            records = _fit_token_budget(records, max_tokens - done_tokens)
+        done_seqs += len(records)
+        done_tokens += sum(len(r["input_ids"]) - 1 for r in records)
         batch_index += 1
-        yield rows
+        yield records
 
 
-def _fit_token_budget(rows: list[list[int]], remaining: int) -> list[list[int]]:
-    """Keep whole rows while they fit; cut the first one that does not so the total is exact."""
-    kept: list[list[int]] = []
-    for row in rows:
+def _fit_token_budget(records: list[dict], remaining: int) -> list[dict]:
+    """Keep whole records while they fit; cut the first one that does not so the total is exact."""
+    kept: list[dict] = []
+    for rec in records:
         if remaining <= 0:
             break
-        generated = len(row) - 1
-        kept.append(row if generated <= remaining else row[: remaining + 1])
+        generated = len(rec["input_ids"]) - 1
+        if generated > remaining:
+            rec = {k: v[: remaining + 1] if k == "input_ids" else v[:remaining] for k, v in rec.items()}
+        kept.append(rec)
         remaining -= min(generated, remaining)
     return kept

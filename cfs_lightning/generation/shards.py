@@ -1,8 +1,9 @@
 """Replay shards on disk: Arrow files written through `datasets`, plus `manifest.json`.
 
-A replay directory holds `shard-00000.arrow`, `shard-00001.arrow`, ... (one `input_ids` column of
-int32 token ids per row, start token first) and a manifest recording where the sequences came
-from. It is written into a temporary sibling directory and renamed into place only when complete,
+A replay directory holds `shard-00000.arrow`, `shard-00001.arrow`, ... (an `input_ids` column of
+int32 token ids per row, start token first; with `store_topk`, also `topk_ids` (int32) and
+`topk_logprobs` (float32), one list of k per position but the last) and a manifest recording where
+the sequences came from. It is written into a temporary sibling directory and renamed into place only when complete,
 so a crash never leaves a half-written replay set and an existing one is never overwritten.
 """
 
@@ -22,6 +23,8 @@ from ..io import atomic_dir
 
 MANIFEST = "manifest.json"
 FEATURES = Features({"input_ids": Sequence(Value("int32"))})
+TOPK_FEATURES = Features({**FEATURES, "topk_ids": Sequence(Sequence(Value("int32"))),
+                          "topk_logprobs": Sequence(Sequence(Value("float32")))})
 
 
 class ReplayMismatchError(ValueError):
@@ -32,10 +35,13 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     """sha256 of the model's weights (names and float32 values, in name order).
 
     Values are hashed in float32 so that the same checkpoint loaded in bf16 or fp32 from a bf16
-    file hashes alike.
+    file hashes alike. A model carrying peft LoRA layers hashes as its base weights (adapter
+    tensors skipped, `.base_layer` dropped from names), i.e. like the model it was built from.
     """
+    state = {name.replace(".base_layer", ""): t for name, t in model.state_dict().items()
+             if ".lora_" not in name}
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -52,12 +58,13 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def write_shards(
     output_dir: str | Path,
-    batches: Iterable[list[list[int]]],
+    batches: Iterable[list[dict]],
     manifest: dict,
     shard_size: int = 10_000,
     overwrite: bool = False,
 ) -> dict:
-    """Write sequences as Arrow shards and the manifest (with counts added); return the manifest."""
+    """Write records (`input_ids`, optionally the top-k columns) as Arrow shards and the manifest
+    (with counts added); return the manifest."""
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -76,19 +83,20 @@ def write_shards(
     return manifest
 
 
-def _write_arrow(tmp: Path, batches: Iterable[list[list[int]]], shard_size: int) -> dict:
+def _write_arrow(tmp: Path, batches: Iterable[list[dict]], shard_size: int) -> dict:
     shards: list[str] = []
     writer: ArrowWriter | None = None
     in_shard = n_seq = n_tok = 0
-    for rows in batches:
-        for row in rows:
+    for records in batches:
+        for rec in records:
             if writer is None:
                 shards.append(f"shard-{len(shards):05d}.arrow")
-                writer = ArrowWriter(features=FEATURES, path=str(tmp / shards[-1]))
-            writer.write({"input_ids": row})
+                features = TOPK_FEATURES if "topk_ids" in rec else FEATURES
+                writer = ArrowWriter(features=features, path=str(tmp / shards[-1]))
+            writer.write(rec)
             in_shard += 1
             n_seq += 1
-            n_tok += len(row) - 1
+            n_tok += len(rec["input_ids"]) - 1
             if in_shard == shard_size:
                 writer.finalize()
                 writer, in_shard = None, 0

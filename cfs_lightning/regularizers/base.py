@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,18 +22,27 @@ class Regularizer:
     """One term of the fine-tuning objective: loss = task_loss + sum_i weight_i * term_i.
 
     Lifecycle, split from the math:
-      - `setup(module)` runs once before training; snapshot what the term needs here (the initial
-        weights theta_0, a handle on the frozen reference model, ...).
+      - `setup(module)` runs once per fit, after the model is built (and sharded) and before a
+        checkpoint is restored; snapshot what the term needs here (theta_0, a handle on the frozen
+        reference model, ...).
       - `__call__(batch, outputs)` returns the scalar term for one step. `batch` maps stream
         names ("task", "replay") to padded batches; `outputs` maps each stream listed in
         `streams` to the trainable model's (B, T, V) logits on it, computed once per step and
         shared by all regularizers.
-      - `on_after_optimizer_step(module)` runs after every optimizer step (EMA-style averaging).
+      - `on_after_optimizer_step(module)` runs after every optimizer step (weight averaging).
+      - `eval_weights(module)` is a context manager that validation and the retained-task
+        evaluation run inside (weight averaging swaps its average in there).
+      - `on_train_end(module)` runs once when training ends, before the model is exported.
+      - `state_dict()` / `load_state_dict(state)`: state saved in and restored from checkpoints.
 
-    Subclasses set `streams` to the batch streams whose logits they read.
+    Subclasses set `streams` to the batch streams whose logits they read, `needs_reference` when
+    they read the module's frozen reference model, and `adds_term = False` when they add nothing
+    to the loss (weight averaging).
     """
 
     streams: tuple[str, ...] = ()
+    needs_reference: bool = False
+    adds_term: bool = True
 
     def __init__(self, weight: float = 1.0, name: str | None = None) -> None:
         """
@@ -45,13 +56,28 @@ class Regularizer:
         self.name = name or _snake_case(type(self).__name__)
 
     def setup(self, module: CausalLMFineTuner) -> None:
-        """Called once with the LightningModule before training starts."""
+        """Called once per fit with the LightningModule, before any checkpoint is restored."""
 
     def __call__(self, batch: dict, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__")
 
     def on_after_optimizer_step(self, module: CausalLMFineTuner) -> None:
         """Called after every optimizer step."""
+
+    @contextlib.contextmanager
+    def eval_weights(self, module: CausalLMFineTuner) -> Iterator[None]:
+        """Weights to evaluate with; by default the live ones."""
+        yield
+
+    def on_train_end(self, module: CausalLMFineTuner) -> None:
+        """Called once when training ends, before the Hugging Face export."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to save in checkpoints (empty: nothing to restore)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(weight={self.weight}, name={self.name!r})"

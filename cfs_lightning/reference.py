@@ -1,0 +1,116 @@
+"""The frozen reference model p_ref that KL regularizers compare the trainable model against."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+REFERENCE_MODES = ("auto", "none", "copy", "adapters_disabled")
+
+
+class ReferenceError(ValueError):
+    """A reference model was asked for that cannot be built; the message names the fix."""
+
+
+class FrozenReference:
+    """Next-token distributions of the initial model, frozen.
+
+    Two ways to hold it:
+      - `copy`: a deep copy of the initial weights, `eval()` (dropout off), `requires_grad_(False)`.
+        It is deliberately not a submodule of the LightningModule, so it is never in the
+        optimizer, in `state_dict()` or in checkpoints (which therefore load into a module with
+        or without it); `to()` places it beside the trainable model at fit start.
+      - `adapters_disabled`: the trainable LoRA model itself, run in eval mode with its adapters
+        switched off, i.e. the base weights: no second copy in memory.
+
+    `hidden_states` returns the reference's final hidden states (B, T, H) and `logits` applies its
+    output head to any slice of them, so a caller can form (B, c, V) reference logits a chunk of
+    c positions at a time instead of (B, T, V) at once.
+    """
+
+    def __init__(self, model: nn.Module, mode: str) -> None:
+        if mode == "copy":
+            self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        elif mode == "adapters_disabled":
+            if not isinstance(model, PeftModel):
+                raise ReferenceError(
+                    "reference='adapters_disabled' reuses the LoRA model with its adapters off, but "
+                    "the model has no LoRA adapters: set model.lora, or use reference='copy'"
+                )
+            self.model = model
+        else:
+            raise ReferenceError(f"reference mode must be 'copy' or 'adapters_disabled', got {mode!r}")
+        self.mode = mode
+        causal_lm = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        self._backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+        self._head = causal_lm.get_output_embeddings()
+        self._check_head(causal_lm)
+
+    @contextlib.contextmanager
+    def _frozen(self) -> Iterator[None]:
+        if self.mode == "copy":
+            with torch.no_grad():
+                yield
+            return
+        was_training = self.model.training
+        self.model.eval()  # dropout off, also in the LoRA layers
+        try:
+            with torch.no_grad(), self.model.disable_adapter():
+                yield
+        finally:
+            self.model.train(was_training)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) final hidden states of the reference, without gradient."""
+        with self._frozen():
+            return self._backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, c, V) reference logits of (B, c, H) hidden states, without gradient."""
+        with self._frozen():
+            return self._head(hidden)
+
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> FrozenReference:
+        """Move a `copy` reference beside the trainable model (a no-op for `adapters_disabled`)."""
+        if self.mode == "copy":
+            self.model.to(device=device, dtype=dtype)
+        return self
+
+    def _check_head(self, causal_lm: nn.Module) -> None:
+        # Some architectures post-process logits after the head (soft-capping, scaling); the
+        # chunked head would silently differ from the model's own logits, so refuse those.
+        ids = torch.arange(4, device=next(causal_lm.parameters()).device).unsqueeze(0)
+        mask = torch.ones_like(ids)
+        with self._frozen():
+            full = causal_lm(input_ids=ids, attention_mask=mask).logits
+        split = self.logits(self.hidden_states(ids, mask))
+        if not torch.allclose(full.float(), split.float(), atol=1e-4, rtol=1e-3):
+            raise ReferenceError(
+                f"{type(causal_lm).__name__} transforms its logits after the output head, which "
+                "the reference's chunked head does not reproduce; this architecture is not "
+                "supported by KL regularizers"
+            )
+
+
+def resolve_reference_mode(mode: str, needed: bool, lora: bool) -> str:
+    """The reference mode to build: `auto` picks `adapters_disabled` with LoRA, else `copy`."""
+    if mode not in REFERENCE_MODES:
+        raise ReferenceError(f"model.reference must be one of {REFERENCE_MODES}, got {mode!r}")
+    if mode == "auto":
+        return ("adapters_disabled" if lora else "copy") if needed else "none"
+    if mode == "none" and needed:
+        raise ReferenceError(
+            "a regularizer needs the frozen reference model (e.g. KLToReference), but "
+            "model.reference='none'; set it to 'copy' (or 'adapters_disabled' with LoRA) or 'auto'"
+        )
+    if mode == "adapters_disabled" and not lora:
+        raise ReferenceError(
+            "model.reference='adapters_disabled' needs LoRA adapters to switch off: set model.lora, "
+            "or use reference='copy'"
+        )
+    return mode

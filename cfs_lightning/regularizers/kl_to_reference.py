@@ -1,0 +1,136 @@
+"""Per-token full-vocabulary divergence to the frozen reference (arXiv 2505.13811, 2605.26097)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from ..losses import chunked_target_mean
+from .base import Regularizer
+
+
+def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last dim from (finite) log-probabilities."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def token_divergence(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    direction: Literal["forward", "reverse"] = "forward",
+    beta: float | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Divergence between the next-token distributions at every position, in nats.
+
+    With p_ref = softmax(ref_logits / temperature) and p_theta = softmax(logits / temperature)
+    (computed in at least float32):
+      - `beta=None, direction="forward"`: KL(p_ref || p_theta), mode-covering; the quantity whose
+        Monte Carlo estimate on base-model samples is the replay NLL;
+      - `beta=None, direction="reverse"`: KL(p_theta || p_ref), mode-seeking;
+      - `beta` in [0, 1]: the generalised Jensen-Shannon divergence in TRL's GKD convention,
+        with the reference as the teacher: M = beta * p_ref + (1 - beta) * p_theta and
+        JSD_beta = beta * KL(p_ref || M) + (1 - beta) * KL(p_theta || M). As in TRL the endpoints
+        are defined as the KLs themselves: beta=0 is forward KL(p_ref || p_theta), beta=1 is
+        reverse KL(p_theta || p_ref); beta=0.5 is the symmetric Jensen-Shannon divergence.
+
+    Args:
+        logits: (..., V) trainable-model logits.
+        ref_logits: (..., V) reference logits.
+
+    Returns:
+        (...) divergence per position.
+    """
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    logq = (logits.to(dtype) / temperature).log_softmax(-1)  # trainable
+    logp = (ref_logits.to(dtype) / temperature).log_softmax(-1)  # reference
+    if beta is None:
+        return _kl(logp, logq) if direction == "forward" else _kl(logq, logp)
+    if beta == 0:
+        return _kl(logp, logq)
+    if beta == 1:
+        return _kl(logq, logp)
+    logm = torch.logaddexp(logp + math.log(beta), logq + math.log(1 - beta))
+    return beta * _kl(logp, logm) + (1 - beta) * _kl(logq, logm)
+
+
+class KLToReference(Regularizer):
+    """Mean per-token divergence between the frozen reference and the trainable model.
+
+    On replay sequences (`on="replay"`) every non-padding next-token position counts; on task
+    data (`on="task"`) only the response positions (those with a label). See `token_divergence`
+    for `direction`, `beta` and `temperature`. Needs the module's frozen reference (built
+    automatically: a frozen copy, or the LoRA model with adapters off).
+
+    Memory: the trainable model's (B, T, V) logits are already held for the losses; the
+    reference contributes its (B, T, H) final hidden states, and the divergence is formed
+    `chunk_size` positions at a time under activation checkpointing: the reference's head is
+    applied to one chunk, so the peak extra memory is about 4 x B x chunk_size x V float32 values
+    (reference logits, both log-softmaxes, one product), in the forward and again when the chunk
+    is recomputed in the backward pass; the (B, T, V) float32 reference logits never exist.
+    """
+
+    needs_reference = True
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        on: Literal["replay", "task"] = "replay",
+        direction: Literal["forward", "reverse"] = "forward",
+        beta: float | None = None,
+        temperature: float = 1.0,
+        chunk_size: int | None = 256,
+        name: str | None = None,
+    ) -> None:
+        """
+        Args:
+            weight: Multiplier of this term in the loss.
+            on: Batch stream to compare on: `replay` (all tokens) or `task` (response tokens).
+            direction: `forward` = KL(p_ref || p_theta), `reverse` = KL(p_theta || p_ref).
+            beta: Generalised JSD interpolation in [0, 1] (TRL GKD convention); overrides
+                `direction`, so leave that at `forward` when setting it.
+            temperature: Both distributions are softened by this temperature.
+            chunk_size: Positions per chunk of the divergence; None: the whole sequence at once.
+            name: Log key suffix; default `kl_to_reference`.
+        """
+        super().__init__(weight, name)
+        if on not in ("replay", "task"):
+            raise ValueError(f"KLToReference.on must be 'replay' or 'task', got {on!r}")
+        if direction not in ("forward", "reverse"):
+            raise ValueError(f"KLToReference.direction must be 'forward' or 'reverse', got {direction!r}")
+        if beta is not None and not 0 <= beta <= 1:
+            raise ValueError(f"KLToReference.beta must be in [0, 1] or None, got {beta}")
+        if beta is not None and direction != "forward":
+            raise ValueError("KLToReference: give either beta (generalised JSD) or direction, not both")
+        if temperature <= 0:
+            raise ValueError(f"KLToReference.temperature must be > 0, got {temperature}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"KLToReference.chunk_size must be >= 1 or None, got {chunk_size}")
+        self.on, self.direction, self.beta = on, direction, beta
+        self.temperature, self.chunk_size = temperature, chunk_size
+        self.streams = (on,)
+        self.reference = None
+
+    def setup(self, module) -> None:
+        self.reference = module.reference
+
+    def __call__(self, batch: dict, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        b = batch[self.on]
+        hidden = self.reference.hidden_states(b["input_ids"], b["attention_mask"])
+        return self.divergence(outputs[self.on], hidden, b["labels"])
+
+    def divergence(self, logits: torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean divergence over target positions, from trainable logits and reference hidden states.
+
+        Args:
+            logits: (B, T, V) trainable logits (position t predicts labels[:, t + 1]).
+            hidden: (B, T, H) reference hidden states; `self.reference.logits` maps them to logits.
+            labels: (B, T) targets, IGNORE_INDEX where no loss is taken.
+        """
+        return chunked_target_mean(self._per_token, labels, logits, hidden, chunk_size=self.chunk_size)
+
+    def _per_token(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        ref_logits = self.reference.logits(hidden)  # (B, chunk, V), no grad
+        return token_divergence(logits, ref_logits, self.direction, self.beta, self.temperature)
