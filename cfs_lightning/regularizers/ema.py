@@ -60,7 +60,9 @@ class EMA(Regularizer):
 
     def setup(self, module) -> None:
         self.params = [p for p in module.model.parameters() if p.requires_grad]
-        self.average = [_local(p.detach()).float().clone() for p in self.params]
+        # At least float32: bf16 cannot hold (1 - decay)-sized increments.
+        self.average = [_local(p.detach()).to(torch.promote_types(p.dtype, torch.float32), copy=True)
+                        for p in self.params]
         self.num_updates, self._steps = 0, 0
 
     @torch.no_grad()
@@ -72,7 +74,7 @@ class EMA(Regularizer):
             live = _local(p.detach())
             if self.average[i].device != live.device:  # the model was placed after setup
                 self.average[i] = self.average[i].to(live.device)
-            self.average[i].lerp_(live.float(), 1 - self.decay)
+            self.average[i].lerp_(live.to(self.average[i].dtype), 1 - self.decay)
         self.num_updates += 1
 
     @torch.no_grad()

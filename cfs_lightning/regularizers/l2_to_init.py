@@ -51,7 +51,8 @@ class L2ToInit(Regularizer):
                     self.initial[i] = p0
             if isinstance(p, DTensor):
                 p0 = DTensor.from_local(p0, p.device_mesh, p.placements, run_check=False)
-            sq = (p - p0).float().pow(2).sum()
+            diff = p - p0
+            sq = diff.to(torch.promote_types(diff.dtype, torch.float32)).pow(2).sum()
             if isinstance(sq, DTensor):
                 sq = sq.full_tensor()  # sum of the shards' partial sums, on every rank
             total = sq if total is None else total + sq
