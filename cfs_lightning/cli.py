@@ -1,4 +1,4 @@
-"""The `cfs` command: `fit|validate|test` (LightningCLI), `generate`, `init` and `demo`.
+"""The `cfs` command: `fit|validate|test` (LightningCLI), `generate`, `interpolate`, `init`, `demo`.
 
 Every command takes `--config X.yaml`, dotted overrides (`--a.b=c`), `--help` and
 `--print_config`.
@@ -27,6 +27,7 @@ USAGE = """usage: cfs COMMAND --config FILE.yaml [--key=value ...]
 commands:
   fit | validate | test   train or evaluate a model (LightningCLI; `cfs fit --help`)
   generate                write context-free replay shards from a base model
+  interpolate             WiSE-FT: evaluate weight interpolations of a base and a fine-tuned model
   init                    train a BPE tokenizer and write a randomly initialised model
   demo                    the toy-world comparison: base, plain fine-tuning, CFS replay
 """
@@ -117,6 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command == "generate":
         CLI(generate, args=rest, as_positional=False)
+    elif command == "interpolate":
+        from .wise_ft import interpolate
+
+        CLI(interpolate, args=rest, as_positional=False)
     elif command == "init":
         from .toy.init_model import init_model
 

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from cfs_lightning.callbacks import load_task_yaml
@@ -10,9 +11,10 @@ from cfs_lightning.generation import read_manifest
 from .conftest import REPO
 
 FIT_CONFIGS = ["configs/toy/pretrain.yaml", "configs/toy/finetune.yaml"]
-OVERLAYS = {"configs/toy/plain.yaml": "configs/toy/finetune.yaml"}
+METHODS = ["ft", "cfs-nll", "cfs-kl", "cfs-kl-topk", "l2", "ema", "lora", "lora+cfs"]
+OVERLAYS = {f"configs/toy/{m}.yaml": "configs/toy/finetune.yaml" for m in METHODS}
 FUNCTION_CONFIGS = {"configs/toy/init.yaml": "init", "configs/toy/generate.yaml": "generate",
-                    "configs/toy/demo.yaml": "demo"}
+                    "configs/toy/demo.yaml": "demo", "configs/toy/interpolate.yaml": "interpolate"}
 TASK_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/tasks").glob("*.yaml"))
 
 
@@ -76,8 +78,14 @@ def test_pretrain_config_fast_dev_run(tmp_path, monkeypatch, tiny_model_dir):
     assert (tmp_path / "base" / "tokenizer.json").is_file()
 
 
-@pytest.mark.parametrize("overlay", [[], ["configs/toy/plain.yaml"]])
-def test_finetune_configs_fast_dev_run(overlay, tmp_path, monkeypatch, tiny_model_dir, tiny_replay_dir):
+EXPECTED_TERMS = {"ft": set(), "cfs-nll": {"nll_replay"}, "cfs-kl": {"kl_to_reference"},
+                  "cfs-kl-topk": {"kl_from_cached_top_k"}, "l2": {"l2_to_init"}, "ema": set(),
+                  "lora": set(), "lora+cfs": {"nll_replay"}}
+
+
+@pytest.mark.parametrize("method", [None] + METHODS)
+def test_finetune_configs_fast_dev_run(method, tmp_path, monkeypatch, tiny_model_dir, tiny_replay_dir):
+    overlay = [f"configs/toy/{method}.yaml"] if method else []
     monkeypatch.chdir(REPO)
     evals = tmp_path / "evals.yaml"
     evals.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
@@ -91,7 +99,11 @@ def test_finetune_configs_fast_dev_run(overlay, tmp_path, monkeypatch, tiny_mode
                           f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
                           f"--export.dirpath={tmp_path / 'hf'}"])
     metrics = cli.trainer.callback_metrics
-    assert ("train/reg/nll_replay" in metrics) == (not overlay)
+    terms = {k.removeprefix("train/reg/") for k in metrics if k.startswith("train/reg/")}
+    assert terms == EXPECTED_TERMS.get(method, {"nll_replay"})
+    assert all(torch.isfinite(metrics[f"train/reg/{t}"]) for t in terms)
+    if method and method.startswith("lora"):
+        assert (tmp_path / "hf" / "adapter" / "adapter_config.json").is_file()
     assert "eval/gsm8k_answers/bits_per_byte" in metrics
     assert (tmp_path / "hf" / "config.json").is_file()
 

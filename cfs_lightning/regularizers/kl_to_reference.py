@@ -88,6 +88,7 @@ class KLToReference(Regularizer):
         Args:
             weight: Multiplier of this term in the loss.
             on: Batch stream to compare on: `replay` (all tokens) or `task` (response tokens).
+                Quote the key in YAML (`"on": task`): YAML 1.1 reads a bare `on` as true.
             direction: `forward` = KL(p_ref || p_theta), `reverse` = KL(p_theta || p_ref).
             beta: Generalised JSD interpolation in [0, 1] (TRL GKD convention); overrides
                 `direction`, so leave that at `forward` when setting it.

@@ -72,7 +72,7 @@ def run_demo(
     pretrain_config: str = "configs/toy/pretrain.yaml",
     generate_config: str = "configs/toy/generate.yaml",
     finetune_config: str = "configs/toy/finetune.yaml",
-    plain_overlay: str = "configs/toy/plain.yaml",
+    plain_overlay: str = "configs/toy/ft.yaml",
     retained_metric: str = "shakespeare_heldout/bits_per_byte",
     downstream_metric: str = "gsm8k_answers/bits_per_byte",
     rebuild: bool = False,
@@ -83,7 +83,7 @@ def run_demo(
 
     Args:
         output_dir: Where every step writes (`init/`, `pretrain/`, `base/`, `cfs_replay/`,
-            `plain/`, `cfs/`); the step configs' paths are redirected here.
+            `ft/`, `cfs/`); the step configs' paths are redirected here.
         init_config: `cfs init` config of the from-scratch model.
         pretrain_config: `cfs fit` config pretraining it into the base model.
         generate_config: `cfs generate` config of the replay shards.
@@ -110,7 +110,7 @@ def run_demo(
     common = [f"--model.init_args.pretrained={base_dir}",
               f"--data.init_args.replay.dir={replay_dir}"]
     plain = _fit([finetune_config, plain_overlay], common + [
-        f"--trainer.logger.init_args.save_dir={out / 'plain'}", f"--export.dirpath={out / 'plain/hf_model'}"])
+        f"--trainer.logger.init_args.save_dir={out / 'ft'}", f"--export.dirpath={out / 'ft/hf_model'}"])
     cfs = _fit([finetune_config], common + [
         f"--trainer.logger.init_args.save_dir={out / 'cfs'}", f"--export.dirpath={out / 'cfs/hf_model'}"])
     summary = summarize(cfs.history[0], plain.history[-1], cfs.history[-1],
