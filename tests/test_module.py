@@ -119,3 +119,28 @@ def test_missing_replay_stream_names_the_fix(tiny_model_dir, tiny_task_files, ti
 
 def test_model_trains_in_train_mode(tiny_model_dir):
     assert CausalLMFineTuner(str(tiny_model_dir)).model.training
+
+
+def test_readme_preset_subclass_runs_from_the_cli(tmp_path, monkeypatch, tiny_model_dir, tiny_replay_dir):
+    """The README's subclassing example is real code: import it as a module and fit with it."""
+    import re
+
+    from cfs_lightning.cli import run_cli
+    from cfs_lightning.regularizers import L2ToInit
+
+    from .conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    code = re.search(r"<!-- preset-example -->\n```python\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "my_presets.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(REPO)
+    cli = run_cli(["fit", "--config", "configs/toy/finetune.yaml", "--model", "my_presets.ReplayL2FineTuner",
+                   "--model.l2_weight", "0.05", "--trainer.fast_dev_run=1", "--trainer.callbacks=[]",
+                   f"--model.pretrained={tiny_model_dir}", f"--data.init_args.replay.dir={tiny_replay_dir}",
+                   "--data.init_args.replay.val_size=8", f"--trainer.logger.init_args.save_dir={tmp_path}",
+                   f"--export.dirpath={tmp_path / 'hf'}"])
+    regs = cli.model.regularizers
+    assert [type(r).__name__ for r in regs] == ["NLLReplay", "L2ToInit"]
+    assert isinstance(regs[1], L2ToInit) and regs[1].weight == 0.05
+    assert {"train/reg/nll_replay", "train/reg/l2_to_init"} <= set(cli.trainer.callback_metrics)

@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 
-from cfs_lightning.callbacks import RetainedEval
+from cfs_lightning.callbacks import RetainedEval, task_specs
 from cfs_lightning.data import ReplayDataModule, TaskSource
 from cfs_lightning.module import CausalLMFineTuner
 
@@ -102,4 +102,4 @@ def test_scores_match_a_hand_computation_and_forget_is_signed(tmp_path, task_fil
 
 def test_bad_task_path_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
-        RetainedEval(tasks=[str(tmp_path / "nope.yaml")])._task_specs()
+        task_specs([str(tmp_path / "nope.yaml")])

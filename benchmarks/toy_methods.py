@@ -1,0 +1,57 @@
+"""Run every method overlay of configs/toy/ through `cfs fit` on the toy world and tabulate
+retained / downstream scores (lm-eval bits per byte; lower is better) before and after.
+
+Needs the toy base and its replay (the demo builds both: `bash scripts/demo.sh`, or
+`cfs demo --config configs/toy/demo.yaml`); replay without cached top-k is regenerated.
+    python benchmarks/toy_methods.py [--methods ft cfs-nll ...] [--max_steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from cfs_lightning.cli import generate
+from cfs_lightning.generation import read_manifest
+from cfs_lightning.toy.demo import _fit, _run_jsonargparse
+
+METHODS = ["ft", "cfs-nll", "cfs-kl", "cfs-kl-topk", "l2", "ema", "lora", "lora+cfs"]
+RETAINED, DOWNSTREAM = "eval/shakespeare_heldout/bits_per_byte", "eval/gsm8k_answers/bits_per_byte"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--runs", default="runs/toy")
+    parser.add_argument("--max_steps", type=int, default=-1, help="cap each fit (-1: the config's epoch)")
+    args = parser.parse_args()
+    runs = Path(args.runs)
+    replay = runs / "cfs_replay"
+    if not (replay / "manifest.json").is_file() or not read_manifest(replay).get("store_topk"):
+        _run_jsonargparse(generate, "configs/toy/generate.yaml",
+                          {"model": str(runs / "base"), "output_dir": str(replay), "overwrite": True})
+    rows = {}
+    for method in args.methods:
+        start = time.perf_counter()
+        out = runs / "methods" / method
+        evals = _fit(["configs/toy/finetune.yaml", f"configs/toy/{method}.yaml"], [
+            f"--model.init_args.pretrained={runs / 'base'}", f"--data.init_args.replay.dir={replay}",
+            f"--trainer.max_steps={args.max_steps}", f"--trainer.logger.init_args.save_dir={out}",
+            f"--export.dirpath={out / 'hf_model'}"])
+        rows["base"] = {"retained": evals.history[0][RETAINED], "downstream": evals.history[0][DOWNSTREAM]}
+        rows[method] = {"retained": evals.history[-1][RETAINED], "downstream": evals.history[-1][DOWNSTREAM],
+                        "minutes": (time.perf_counter() - start) / 60}
+        (runs / "methods" / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = ["| method | retained bpb (lower better) | downstream bpb (lower better) | fit minutes |",
+             "|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['retained']:.4f} | {r['downstream']:.4f} | {r.get('minutes', 0):.1f} |")
+    table = "\n".join(lines) + "\n"
+    (runs / "methods" / "results.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
