@@ -21,7 +21,7 @@ class EMA(Regularizer):
     """theta_ema <- decay * theta_ema + (1 - decay) * theta, every `update_every` optimizer steps.
 
     The average is kept per shard: under FSDP2 each rank averages only its own shards of the
-    (DTensor) parameters, so nothing is gathered and the memory cost is one float32 copy of this
+    (DTensor) parameters, so nothing is gathered and the memory cost is one (at least float32) copy of this
     rank's trainable shards. It adds no term to the loss (`adds_term = False`); it is a
     regularizer because it reads the trainable weights at fixed points of the training loop.
 
