@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .callbacks.retained_eval import evaluate_lm, task_specs
+from .callbacks.retained_eval import evaluate_lm, task_manager_for, task_specs
 from .io import atomic_file
 
 
@@ -22,21 +22,25 @@ def _load(name: str, dtype: str | None, trust_remote_code: bool):
         name, dtype=getattr(torch, dtype) if dtype else torch.float32, trust_remote_code=trust_remote_code)
 
 
-def interpolated_state(base: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
-                       alpha: float) -> dict[str, torch.Tensor]:
-    """(1 - alpha) * base + alpha * finetuned for floating tensors; others must be equal."""
+def check_compatible(base: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor]) -> None:
+    """Refuse two state dicts that do not hold the same tensors with the same shapes."""
     if base.keys() != finetuned.keys():
         only = sorted(base.keys() ^ finetuned.keys())[:5]
         raise ValueError(f"the two checkpoints have different tensors (e.g. {only}); WiSE-FT needs "
                          "the same architecture: export the fine-tuned model merged (no adapters)")
-    out = {}
     for name, b in base.items():
-        f = finetuned[name]
-        if b.shape != f.shape:
-            raise ValueError(f"tensor {name} has shape {tuple(b.shape)} in the base but {tuple(f.shape)} "
-                             "in the fine-tuned checkpoint; they are not the same architecture")
-        out[name] = torch.lerp(b, f, alpha) if b.is_floating_point() else f
-    return out
+        if b.shape != finetuned[name].shape:
+            raise ValueError(f"tensor {name} has shape {tuple(b.shape)} in the base but "
+                             f"{tuple(finetuned[name].shape)} in the fine-tuned checkpoint; they are "
+                             "not the same architecture")
+
+
+def interpolated_state(base: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
+                       alpha: float) -> dict[str, torch.Tensor]:
+    """(1 - alpha) * base + alpha * finetuned for floating tensors; the fine-tuned value otherwise."""
+    check_compatible(base, finetuned)
+    return {name: torch.lerp(b, finetuned[name], alpha) if b.is_floating_point() else finetuned[name]
+            for name, b in base.items()}
 
 
 def interpolate(
@@ -86,13 +90,15 @@ def interpolate(
     model = _load(finetuned, dtype, trust_remote_code)
     ft_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     base_state = _load(base, dtype, trust_remote_code).state_dict()
-    interpolated_state(base_state, ft_state, 0.0)  # refuse mismatched checkpoints before any work
+    check_compatible(base_state, ft_state)  # before any evaluation
     model.to(device).eval()
     specs = task_specs(tasks)
+    task_manager = task_manager_for(specs)
     rows = []
     for alpha in alphas:
         model.load_state_dict(interpolated_state(base_state, ft_state, alpha))
-        scores, _ = evaluate_lm(model, tokenizer, specs, batch_size, limit, max_length, add_bos_token)
+        scores, _ = evaluate_lm(model, tokenizer, specs, batch_size, limit, max_length, add_bos_token,
+                                task_manager)
         for key in (retained, downstream):
             if key not in scores:
                 raise KeyError(f"metric {key!r} was not computed; the tasks give {sorted(scores)}")

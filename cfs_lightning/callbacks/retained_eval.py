@@ -60,6 +60,11 @@ def task_specs(tasks: list[str]) -> list[str | dict]:
     return [load_task_yaml(t) if t.endswith((".yaml", ".yml")) else t for t in tasks]
 
 
+def task_manager_for(tasks: list[str | dict]) -> TaskManager:
+    """A TaskManager that indexes lm-eval's built-in tasks (seconds) only when a name needs it."""
+    return TaskManager(include_defaults=any(isinstance(t, str) for t in tasks))
+
+
 def evaluate_lm(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -75,8 +80,7 @@ def evaluate_lm(
     The model's train/eval mode and the Python, NumPy and torch RNG states are left as they were.
     """
     if task_manager is None:
-        # Indexing lm-eval's built-in tasks takes seconds: only when a name needs it.
-        task_manager = TaskManager(include_defaults=any(isinstance(t, str) for t in tasks))
+        task_manager = task_manager_for(tasks)
     was_training = model.training
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
               max_length=max_length, add_bos_token=add_bos_token)
@@ -135,7 +139,7 @@ class RetainedEval(L.Callback):
         """Scores of the module's model now (its evaluation weights, e.g. an EMA average)."""
         specs = task_specs(self.tasks)
         if self._task_manager is None:
-            self._task_manager = TaskManager(include_defaults=any(isinstance(s, str) for s in specs))
+            self._task_manager = task_manager_for(specs)
         with pl_module.evaluation_weights():
             return evaluate_lm(pl_module.hf_model, pl_module.tokenizer, specs, self.batch_size,
                                self.limit, self.max_length, self.add_bos_token, self._task_manager)

@@ -3,8 +3,9 @@
 A replay directory holds `shard-00000.arrow`, `shard-00001.arrow`, ... (an `input_ids` column of
 int32 token ids per row, start token first; with `store_topk`, also `topk_ids` (int32) and
 `topk_logprobs` (float32), one list of k per position but the last) and a manifest recording where
-the sequences came from. It is written into a temporary sibling directory and renamed into place only when complete,
-so a crash never leaves a half-written replay set and an existing one is never overwritten.
+the sequences came from. It is written into a temporary sibling directory and renamed into place
+only when complete, so a crash never leaves a half-written replay set and an existing one is never
+overwritten.
 """
 
 from __future__ import annotations

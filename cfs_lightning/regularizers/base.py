@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 if TYPE_CHECKING:
     from ..module import CausalLMFineTuner
@@ -16,6 +17,11 @@ if TYPE_CHECKING:
 def _snake_case(name: str) -> str:
     """`NLLReplay` -> `nll_replay`, `KLToReference` -> `kl_to_reference`."""
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2) parameter; a plain tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class Regularizer:

@@ -7,22 +7,16 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
-from torch.distributed.tensor import DTensor
 
-from .base import Regularizer
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor parameter (the tensor itself otherwise)."""
-    return t.to_local() if isinstance(t, DTensor) else t
+from .base import Regularizer, local_shard
 
 
 class EMA(Regularizer):
     """theta_ema <- decay * theta_ema + (1 - decay) * theta, every `update_every` optimizer steps.
 
     The average is kept per shard: under FSDP2 each rank averages only its own shards of the
-    (DTensor) parameters, so nothing is gathered and the memory cost is one (at least float32) copy of this
-    rank's trainable shards. It adds no term to the loss (`adds_term = False`); it is a
+    (DTensor) parameters, so nothing is gathered and the memory cost is one copy (in at least
+    float32) of this rank's trainable shards. It adds no term to the loss (`adds_term = False`); it is a
     regularizer because it reads the trainable weights at fixed points of the training loop.
 
     - `eval_with_ema`: validation and `RetainedEval` see the averaged weights; the live ones are
@@ -61,7 +55,7 @@ class EMA(Regularizer):
     def setup(self, module) -> None:
         self.params = [p for p in module.model.parameters() if p.requires_grad]
         # At least float32: bf16 cannot hold (1 - decay)-sized increments.
-        self.average = [_local(p.detach()).to(torch.promote_types(p.dtype, torch.float32), copy=True)
+        self.average = [local_shard(p.detach()).to(torch.promote_types(p.dtype, torch.float32), copy=True)
                         for p in self.params]
         self.num_updates, self._steps = 0, 0
 
@@ -71,7 +65,7 @@ class EMA(Regularizer):
         if self._steps % self.update_every:
             return
         for i, p in enumerate(self.params):
-            live = _local(p.detach())
+            live = local_shard(p.detach())
             if self.average[i].device != live.device:  # the model was placed after setup
                 self.average[i] = self.average[i].to(live.device)
             self.average[i].lerp_(live.to(self.average[i].dtype), 1 - self.decay)
@@ -80,7 +74,7 @@ class EMA(Regularizer):
     @torch.no_grad()
     def _load_average(self) -> None:
         for i, p in enumerate(self.params):
-            live = _local(p.detach())
+            live = local_shard(p.detach())
             live.copy_(self.average[i].to(live.device))
 
     @contextlib.contextmanager
@@ -90,14 +84,14 @@ class EMA(Regularizer):
             yield
             return
         with torch.no_grad():
-            backup = [_local(p.detach()).clone() for p in self.params]
+            backup = [local_shard(p.detach()).clone() for p in self.params]
             self._load_average()
         try:
             yield
         finally:
             with torch.no_grad():
                 for p, kept in zip(self.params, backup, strict=True):
-                    _local(p.detach()).copy_(kept)
+                    local_shard(p.detach()).copy_(kept)
 
     def on_train_end(self, module) -> None:
         if self.final == "ema" and self.params:

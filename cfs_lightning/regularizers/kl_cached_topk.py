@@ -8,7 +8,9 @@ from ..losses import chunked_target_mean
 from .base import Regularizer
 
 
-def topk_forward_kl(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> torch.Tensor:
+def topk_forward_kl(
+    logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor
+) -> torch.Tensor:
     """KL(p_ref || p_theta) coarsened to the reference's top-k tokens plus one bucket for the rest.
 
     With S the k cached tokens, p_ref(S^c) = 1 - sum_S p_ref and p_theta(S^c) = 1 - sum_S p_theta:

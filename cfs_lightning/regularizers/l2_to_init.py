@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor
 
-from .base import Regularizer
+from .base import Regularizer, local_shard
 
 
 class L2ToInit(Regularizer):
@@ -38,13 +38,13 @@ class L2ToInit(Regularizer):
         self.initial = [self._snapshot(p) for p in self.params]
 
     def _snapshot(self, p: torch.Tensor) -> torch.Tensor:
-        local = p.detach().to_local() if isinstance(p, DTensor) else p.detach()  # this rank's shard
+        local = local_shard(p.detach())
         return local.to("cpu", copy=True) if self.offload else local.clone()
 
     def __call__(self, batch: dict, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         total = None
         for i, (p, p0) in enumerate(zip(self.params, self.initial, strict=True)):
-            local = p.to_local() if isinstance(p, DTensor) else p
+            local = local_shard(p)
             if p0.device != local.device:
                 p0 = p0.to(local.device, non_blocking=True)
                 if not self.offload:  # the model was placed on its device after setup: move once
