@@ -180,3 +180,22 @@ def test_shards_are_memory_mapped(tiny_replay_dir):
     ds = load_shards(tiny_replay_dir)
     assert isinstance(ds, Dataset) and len(ds) == 40
     assert all(t.cache_files for t in [ds]) and ds.cache_files[0]["filename"].endswith(".arrow")
+
+
+def test_store_topk_records_the_base_distribution_without_changing_samples(tiny_model, tiny_tokenizer):
+    cfg = SamplingConfig(max_new_tokens=10, batch_size=4, seed=3)
+    plain = list(sample_context_free(tiny_model, tiny_tokenizer, cfg, None, 25))
+    cached = [rec for recs in sample_context_free(tiny_model, tiny_tokenizer, cfg, None, 25, store_topk=5)
+              for rec in recs]
+    assert [r["input_ids"] for recs in plain for r in recs] == [r["input_ids"] for r in cached]
+    assert sum(len(r["input_ids"]) - 1 for r in cached) == 25  # the token budget cut keeps them aligned
+    for rec in cached:
+        ids = torch.tensor([rec["input_ids"]])
+        assert len(rec["topk_ids"]) == len(rec["topk_logprobs"]) == ids.size(1) - 1
+        with torch.no_grad():
+            logp = tiny_model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        top = logp.topk(5)
+        assert torch.equal(top.indices, torch.tensor(rec["topk_ids"]))
+        torch.testing.assert_close(top.values, torch.tensor(rec["topk_logprobs"]), rtol=0, atol=1e-4)
+    with pytest.raises(GenerationError, match="store_topk"):
+        next(sample_context_free(tiny_model, tiny_tokenizer, cfg, 1, None, store_topk=10_000))
