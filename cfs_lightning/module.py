@@ -12,11 +12,14 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from peft import PeftModel
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .lora import LoRA, apply_lora, save_merged, unwrap
 from .losses import mean_token_nll, token_nll
+from .sharding import gathered_copy, is_sharded, shard_fsdp2
 from .reference import FrozenReference, resolve_reference_mode
 from .regularizers import NLLReplay, Regularizer
 
@@ -109,16 +112,34 @@ class CausalLMFineTuner(L.LightningModule):
     @property
     def hf_model(self) -> PreTrainedModel:
         """The transformers model being trained (LoRA layers included when `lora` is set)."""
-        return unwrap(self.model)
+        model = self.model.module if isinstance(self.model, FullyShardedDataParallel) else self.model
+        return unwrap(model)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
+        # FSDP2 (ModelParallelStrategy) hands us a device mesh: shard per decoder block here,
+        # the frozen reference in units of its own. Later stages find the model already sharded.
+        if self.device_mesh is not None and not is_sharded(self.model):
+            mesh = self._data_parallel_mesh()
+            shard_fsdp2(self.model, mesh)
+            if self.reference is not None:
+                self.reference.shard(mesh)
         # Regularizers snapshot theta_0 / averages here: after the model exists in its final
         # (possibly sharded) form and before a checkpoint is restored over it.
         if self._trainer is not None and self.trainer.state.fn == "fit":
             for reg in self.regularizers:
                 reg.setup(self)
+
+    def _data_parallel_mesh(self) -> DeviceMesh:
+        mesh = self.device_mesh
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "cfs_lightning shards with FSDP2 only (no tensor parallelism): set the strategy's "
+                "tensor_parallel_size=1 and data_parallel_size to the number of devices "
+                "(configs/strategies/fsdp2.yaml)"
+            )
+        return mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
 
     def on_fit_start(self) -> None:
         if self.reference is not None:
@@ -175,19 +196,28 @@ class CausalLMFineTuner(L.LightningModule):
         for reg in self.regularizers:
             if reg.name in saved:
                 reg.load_state_dict(saved[reg.name])
-            elif reg.state_dict():
+            elif type(reg).state_dict is not Regularizer.state_dict:
                 raise KeyError(
                     f"regularizer {reg.name!r} keeps state, but the checkpoint has none for it "
                     f"(it holds {sorted(saved) or 'none'}); resume with the regularizers it was "
                     "saved with, or start a new fit from its exported weights"
                 )
 
-    def save_pretrained(self, out: str | Path) -> None:
-        """Write the model and tokenizer as a Hugging Face checkpoint (LoRA: merged + `adapter/`)."""
-        if isinstance(self.model, PeftModel):
-            save_merged(self.model, out)
+    def save_pretrained(self, out: str | Path | None) -> None:
+        """Write the model and tokenizer as a Hugging Face checkpoint (LoRA: merged + `adapter/`).
+
+        A sharded model is gathered into one CPU copy on rank 0 first: every rank must call this;
+        rank 0 writes `out`, the others pass None.
+        """
+        model = self.model
+        if is_sharded(model):
+            model = gathered_copy(model, self.hf_model.config, self.hparams.lora)
+        if out is None:
+            return
+        if isinstance(model, PeftModel):
+            save_merged(model, out)
         else:
-            self.model.save_pretrained(out)
+            model.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
 
     def _eval_step(self, batch: dict, metrics: nn.ModuleDict, prefix: str) -> None:

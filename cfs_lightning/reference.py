@@ -9,12 +9,34 @@ from collections.abc import Iterator
 import torch
 from peft import PeftModel
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from .sharding import is_sharded, shard_fsdp2
 
 REFERENCE_MODES = ("auto", "none", "copy", "adapters_disabled")
 
 
 class ReferenceError(ValueError):
     """A reference model was asked for that cannot be built; the message names the fix."""
+
+
+class _ReferenceNet(nn.Module):
+    """The reference's backbone and output head behind one `forward`.
+
+    One module, so that a sharded reference gathers its root unit (embeddings, final norm, head)
+    in its own forward, also when the KL recomputes a head chunk in the backward pass.
+    """
+
+    def __init__(self, causal_lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = causal_lm
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        if hidden is not None:  # (B, c, H) -> (B, c, V)
+            return self.lm.get_output_embeddings()(hidden)
+        backbone = getattr(self.lm, self.lm.base_model_prefix)
+        return backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 class FrozenReference:
@@ -24,7 +46,8 @@ class FrozenReference:
       - `copy`: a deep copy of the initial weights, `eval()` (dropout off), `requires_grad_(False)`.
         It is deliberately not a submodule of the LightningModule, so it is never in the
         optimizer, in `state_dict()` or in checkpoints (which therefore load into a module with
-        or without it); `to()` places it beside the trainable model at fit start.
+        or without it); `to()` places it beside the trainable model at fit start, and under FSDP2
+        `shard()` shards it per decoder block, in units of its own.
       - `adapters_disabled`: the trainable LoRA model itself, run in eval mode with its adapters
         switched off, i.e. the base weights: no second copy in memory.
 
@@ -47,8 +70,7 @@ class FrozenReference:
             raise ReferenceError(f"reference mode must be 'copy' or 'adapters_disabled', got {mode!r}")
         self.mode = mode
         causal_lm = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
-        self._backbone = getattr(causal_lm, causal_lm.base_model_prefix)
-        self._head = causal_lm.get_output_embeddings()
+        self.net = _ReferenceNet(causal_lm)
         self._check_head(causal_lm)
 
     @contextlib.contextmanager
@@ -68,18 +90,29 @@ class FrozenReference:
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H) final hidden states of the reference, without gradient."""
         with self._frozen():
-            return self._backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.net(input_ids=input_ids, attention_mask=attention_mask)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, c, V) reference logits of (B, c, H) hidden states, without gradient."""
         with self._frozen():
-            return self._head(hidden)
+            return self.net(hidden=hidden)
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> FrozenReference:
-        """Move a `copy` reference beside the trainable model (a no-op for `adapters_disabled`)."""
-        if self.mode == "copy":
+        """Move a `copy` reference beside the trainable model (a no-op for `adapters_disabled`
+        and for a sharded copy, which `fully_shard` already placed)."""
+        if self.mode == "copy" and not is_sharded(self.net):
             self.model.to(device=device, dtype=dtype)
         return self
+
+    def shard(self, mesh: DeviceMesh) -> None:
+        """FSDP2: shard a `copy` reference per decoder block, its root (embeddings, final norm,
+        head) as one more unit, resharded after each use; never in a unit with trainable weights."""
+        if self.mode != "copy":
+            raise ReferenceError(
+                "reference='adapters_disabled' cannot be used with a sharded model (its frozen "
+                "weights live inside the trainable units); set model.reference='copy'"
+            )
+        shard_fsdp2(self.net, mesh, reshard_after_forward=True)
 
     def _check_head(self, causal_lm: nn.Module) -> None:
         # Some architectures post-process logits after the head (soft-capping, scaling); the

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .callbacks.retained_eval import evaluate_lm, task_manager_for, task_specs
+from .evaluation import evaluate_lm, task_manager_for, task_specs
 from .io import atomic_file
 
 

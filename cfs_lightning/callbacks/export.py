@@ -33,9 +33,12 @@ class HFExport(L.Callback):
         if not self.enabled or trainer.interrupted:
             return
         out = Path(self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hf_model"))
+        # Every rank calls save_pretrained: a sharded model is gathered collectively to rank 0.
         if trainer.is_global_zero:
             with atomic_dir(out) as tmp:
                 pl_module.save_pretrained(tmp)
             rank_zero_info(f"Hugging Face checkpoint written to {out}")
+        else:
+            pl_module.save_pretrained(None)
         self.last_path = out
         trainer.strategy.barrier("hf_export")

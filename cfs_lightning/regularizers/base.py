@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 if TYPE_CHECKING:
     from ..module import CausalLMFineTuner
@@ -22,6 +22,22 @@ def _snake_case(name: str) -> str:
 def local_shard(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (FSDP2) parameter; a plain tensor as it is."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def gather_like(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The whole CPU tensor whose shard `local` is, sharded as `param` is (all ranks call it)."""
+    if isinstance(param, DTensor):
+        local = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                                   shape=param.shape, stride=param.stride()).full_tensor()
+    return local.detach().cpu()
+
+
+def shard_like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of `whole`, cut as `param` is (no communication)."""
+    if not isinstance(param, DTensor):
+        return whole
+    return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements,
+                             src_data_rank=None).to_local()
 
 
 class Regularizer:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 
-from .base import Regularizer, local_shard
+from .base import Regularizer, gather_like, local_shard, shard_like
 
 
 class EMA(Regularizer):
@@ -23,7 +23,9 @@ class EMA(Regularizer):
       backed up meanwhile (one more copy of the trainable shards) and restored bit for bit.
     - `final`: `ema` writes the average into the model when training ends, so the exported and
       last-saved weights are the average; `live` keeps the trained weights.
-    - The average is saved in checkpoints and restored on resume.
+    - The average is saved in checkpoints and restored on resume. Sharded averages are gathered
+      whole for the checkpoint (one parameter at a time, to CPU) and cut back to each rank's shard
+      on resume, so a checkpoint written on N processes resumes on any number.
     """
 
     adds_term = False
@@ -98,8 +100,9 @@ class EMA(Regularizer):
             self._load_average()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"average": [a.detach().cpu() for a in self.average], "num_updates": self.num_updates,
-                "steps": self._steps, "decay": self.decay}
+        average = [gather_like(a, p) for a, p in zip(self.average, self.params, strict=True)]
+        return {"average": average, "num_updates": self.num_updates, "steps": self._steps,
+                "decay": self.decay}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["average"]) != len(self.params):
@@ -107,5 +110,6 @@ class EMA(Regularizer):
                 f"{self.name}: the checkpoint averages {len(state['average'])} tensors but the model "
                 f"has {len(self.params)} trainable ones; it was saved for another model or LoRA setup"
             )
-        self.average = [saved.to(a.device, a.dtype) for saved, a in zip(state["average"], self.average)]
+        self.average = [shard_like(saved, p).to(a.device, a.dtype)
+                        for saved, a, p in zip(state["average"], self.average, self.params, strict=True)]
         self.num_updates, self._steps = state["num_updates"], state["steps"]
