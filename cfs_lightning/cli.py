@@ -6,6 +6,7 @@ Every command takes `--config X.yaml`, dotted overrides (`--a.b=c`), `--help` an
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -34,7 +35,32 @@ commands:
 
 
 class CFSCLI(LightningCLI):
-    """LightningCLI with the model's tokenizer linked to the data and an HF export at fit end."""
+    """LightningCLI with the model's tokenizer linked to the data and an HF export at fit end.
+
+    With `--ckpt_path`, the run is configured by the command line alone, as given: LightningCLI
+    would otherwise overlay the checkpoint's saved hyperparameters on the model's config, which
+    drops the regularizers and the optimizer (they are not hyperparameters). The checkpoint's
+    hyperparameters are instead checked against the config, and a difference is an error.
+    """
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+            return
+        path = Path(ckpt_path)
+        meta = path / "meta.pt" if path.is_dir() else path  # a distributed checkpoint is a folder
+        if not meta.is_file():
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file or folder")
+        # The user's own checkpoint; hyperparameters may hold config dataclasses (LoRA).
+        saved = torch.load(meta, weights_only=False, map_location="cpu").get("hyper_parameters", {})
+        given = self.config[subcommand].model.init_args
+        for key, value in saved.items():
+            if key in given and _plain(given[key]) != _plain(value):
+                raise ValueError(
+                    f"--ckpt_path {ckpt_path} was saved with model.{key}={value!r}, but the config "
+                    f"gives {_plain(given[key])!r}; resume with the config the checkpoint was trained with"
+                )
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(HFExport, "export")
@@ -43,6 +69,13 @@ class CFSCLI(LightningCLI):
             "data.init_args.tokenizer",
             compute_fn=lambda pretrained, tokenizer: tokenizer or pretrained,
         )
+
+
+def _plain(value):
+    """A config value as plain Python (jsonargparse Namespaces and dataclasses become dicts)."""
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    return value.as_dict() if hasattr(value, "as_dict") else value
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> CFSCLI:

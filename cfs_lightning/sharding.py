@@ -55,6 +55,18 @@ def shard_fsdp2(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPol
     fully_shard(model, **kwargs)
 
 
+def reshard(model: nn.Module) -> None:
+    """Drop every gathered FSDP2 parameter copy of `model`, so the next forward gathers afresh.
+
+    FSDP2 keeps the root unit gathered after a forward pass; code that writes into the sharded
+    parameters directly (weight averaging swapping weights in) must reshard first and after,
+    or a forward would run on the stale gathered copy. A no-op for unsharded models.
+    """
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def is_sharded(model: nn.Module) -> bool:
     """True when `model` is sharded by FSDP2 (`fully_shard`) or wrapped by FSDP1."""
     return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..sharding import reshard
 from .base import Regularizer, gather_like, local_shard, shard_like
 
 
@@ -74,7 +75,8 @@ class EMA(Regularizer):
         self.num_updates += 1
 
     @torch.no_grad()
-    def _load_average(self) -> None:
+    def _load_average(self, module) -> None:
+        reshard(module.model)  # no stale gathered copy may outlive the swap (FSDP2)
         for i, p in enumerate(self.params):
             live = local_shard(p.detach())
             live.copy_(self.average[i].to(live.device))
@@ -87,17 +89,18 @@ class EMA(Regularizer):
             return
         with torch.no_grad():
             backup = [local_shard(p.detach()).clone() for p in self.params]
-            self._load_average()
+            self._load_average(module)
         try:
             yield
         finally:
+            reshard(module.model)
             with torch.no_grad():
                 for p, kept in zip(self.params, backup, strict=True):
                     local_shard(p.detach()).copy_(kept)
 
     def on_train_end(self, module) -> None:
         if self.final == "ema" and self.params:
-            self._load_average()
+            self._load_average(module)
 
     def state_dict(self) -> dict[str, Any]:
         average = [gather_like(a, p) for a, p in zip(self.average, self.params, strict=True)]

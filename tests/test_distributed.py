@@ -1,0 +1,143 @@
+"""Two CPU processes (gloo): DDP and FSDP2 fits with every regularizer, checkpoint and resume, and
+the retained-task evaluation equal to a one-process run.
+
+Each fit is the real command line (`python -m cfs_lightning.cli fit --config ... --config
+configs/strategies/<strategy>.yaml --trainer.devices=2`) in a subprocess, because Lightning's
+launcher re-runs `sys.argv` for the second process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cfs_lightning.evaluation import evaluate_lm, task_specs
+
+from .conftest import REPO
+
+TASKS = [str(REPO / "configs/tasks/shakespeare_heldout.yaml"), str(REPO / "configs/tasks/gsm8k_answers.yaml")]
+LIMIT = 11  # odd: the two ranks get 6 and 5 documents, so lm-eval pads one rank
+
+
+def run_fit(config: Path, strategy: str, *extra: str, devices: int = 2) -> None:
+    args = [sys.executable, "-m", "cfs_lightning.cli", "fit", "--config", str(config),
+            "--config", f"configs/strategies/{strategy}.yaml", f"--trainer.devices={devices}", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def fit_config(out: Path, model_dir: Path, task_files: dict, replay_dir: Path) -> Path:
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "max_epochs": 1, "limit_train_batches": 3, "limit_val_batches": 2,
+            "num_sanity_val_steps": 0, "log_every_n_steps": 1,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                       "init_args": {"save_dir": str(out), "name": "", "version": ""}},
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(out / "ckpt"), "save_last": True}},
+                {"class_path": "cfs_lightning.callbacks.RetainedEval",
+                 "init_args": {"tasks": TASKS, "limit": LIMIT, "batch_size": 4}},
+                {"class_path": "tests.dist_probe.Probe", "init_args": {"out": str(out / "probe")}},
+            ],
+        },
+        "model": {"class_path": "cfs_lightning.module.CausalLMFineTuner", "init_args": {
+            "pretrained": str(model_dir),
+            "regularizers": [
+                {"class_path": "cfs_lightning.regularizers.NLLReplay"},
+                {"class_path": "cfs_lightning.regularizers.KLToReference",
+                 "init_args": {"weight": 0.5, "chunk_size": 8}},
+                {"class_path": "cfs_lightning.regularizers.L2ToInit", "init_args": {"weight": 0.01}},
+                {"class_path": "cfs_lightning.regularizers.EMA", "init_args": {"decay": 0.5}},
+            ],
+            "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
+        }},
+        "data": {"class_path": "cfs_lightning.data.ReplayDataModule", "init_args": {
+            "task": {"path": "json", "data_files": task_files, "val_split": "test",
+                     "prompt": "Question: {question}\nAnswer:", "response": " {answer}",
+                     "max_length": 320},
+            "batch_size": 4, "replay_ratio": 0.5,
+            "replay": {"dir": str(replay_dir), "val_size": 8},
+        }},
+        "export": {"dirpath": str(out / "hf_model")},
+    }
+    path = out / "fit.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process_scores(tiny_model_dir) -> dict[str, float]:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    values, _ = evaluate_lm(model, AutoTokenizer.from_pretrained(tiny_model_dir), task_specs(TASKS),
+                            batch_size=4, limit=LIMIT)
+    return values
+
+
+def load(out: Path, phase: str) -> list[dict]:
+    return [torch.load(out / "probe" / f"{phase}-rank{r}.pt") for r in range(2)]
+
+
+def tensors_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_process_fit_checkpoint_resume_and_eval(strategy, tmp_path, tiny_model_dir, tiny_task_files,
+                                                    tiny_replay_dir, one_process_scores):
+    out = tmp_path / strategy
+    config = fit_config(out, tiny_model_dir, tiny_task_files, tiny_replay_dir)
+    run_fit(config, strategy)
+    start, saved = load(out, "start"), load(out, "saved")
+    sharded = strategy == "fsdp2"
+    for rank in range(2):
+        assert start[rank]["world_size"] == 2 and saved[rank]["step"] == 3
+        assert start[rank]["model_sharded"] is sharded and start[rank]["reference_sharded"] is sharded
+        assert not start[rank]["reference_shares_params"]
+        assert tensors_equal(start[rank]["l2_initial"], start[rank]["params"])  # theta_0 = the start
+        assert saved[rank]["ema_updates"] == 3
+        assert not tensors_equal(saved[rank]["ema_average"], start[rank]["params"])
+    # Each rank trains on its own replay rows (the cycling sampler is split, not repeated).
+    rows = [{tuple(r) for r in s["replay_rows"]} for s in saved]
+    assert rows[0] and rows[1] and not rows[0] & rows[1]
+    shapes = [[p.shape for p in s["params"]] for s in start]
+    if sharded:  # each rank holds half of every parameter's first dimension
+        full = [p.shape for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters()]
+        assert [a[0] + b[0] for a, b in zip(*shapes)] == [f[0] for f in full]
+        assert not tensors_equal(saved[0]["ema_average"], saved[1]["ema_average"])
+    else:
+        assert tensors_equal(saved[0]["ema_average"], saved[1]["ema_average"])
+
+    metrics = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/reg/nll_replay", "train/reg/kl_to_reference", "train/reg/l2_to_init"} <= set(metrics)
+    exported = AutoModelForCausalLM.from_pretrained(out / "hf_model")
+    ema_final = torch.cat([torch.cat([a.flatten() for a in s["ema_average"]]) for s in saved])
+    assert torch.isfinite(ema_final).all() and sum(p.numel() for p in exported.parameters()) > 0
+
+    # The retained-task scores of the base model, on 2 processes, equal a 1-process run's.
+    history = json.loads((out / "retained_eval.json").read_text())
+    for key, value in one_process_scores.items():
+        assert history[0][f"eval/{key}"] == pytest.approx(value, rel=1e-5)
+
+    # Resume for a second epoch: every rank gets back its weights, average and theta_0.
+    run_fit(config, strategy, "--trainer.max_epochs=2", f"--ckpt_path={out / 'ckpt' / 'last.ckpt'}")
+    resumed = load(out, "start")
+    for rank in range(2):
+        assert resumed[rank]["step"] == 3 and resumed[rank]["ema_updates"] == 3
+        assert tensors_equal(resumed[rank]["params"], saved[rank]["params"])
+        assert tensors_equal(resumed[rank]["ema_average"], saved[rank]["ema_average"])
+        assert tensors_equal(resumed[rank]["l2_initial"], start[rank]["l2_initial"])
+    assert load(out, "saved")[0]["step"] == 6
+    history = json.loads((out / "retained_eval.json").read_text())
+    assert [h["step"] for h in history] == [0, 3, 6]  # the fit-start baseline survived the resume
