@@ -7,8 +7,10 @@ Every command takes `--config X.yaml`, dotted overrides (`--a.b=c`), `--help` an
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
+from typing import Literal
 
 import torch
 from jsonargparse import CLI, set_parsing_settings
@@ -18,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .callbacks import HFExport
 from .data import ReplayDataModule, TaskSource
 from .generation import Budget, SamplingConfig, generate_replay
+from .generation.generate import torchrun_process_group
 from .module import CausalLMFineTuner
 
 # Config dataclasses document their fields with attribute docstrings; show them in --help.
@@ -107,9 +110,14 @@ def generate(
     shard_size: int = 10_000,
     overwrite: bool = False,
     store_topk: int = 0,
+    backend: Literal["hf", "vllm"] = "hf",
     trust_remote_code: bool = False,
 ) -> dict:
     """Sample context-free replay sequences from a base model into Arrow shards + manifest.json.
+
+    On N processes: `torchrun --nproc-per-node N -m cfs_lightning.cli generate --config ...`
+    (one GPU per process with CUDA, else CPU with gloo); the budget's batches are dealt out over
+    the ranks and the manifest lists every rank's shards.
 
     Args:
         model: Base model: hub name or local directory.
@@ -119,11 +127,14 @@ def generate(
         task: The task data, needed only by `budget.fraction` (its training split is counted).
         tokenizer: Tokenizer name or directory; default: `model`.
         dtype: Weight dtype (`float32`, `bfloat16`, ...); default float32.
-        device: `auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`, ...
+        device: `auto` (CUDA when available, the process's own GPU under torchrun), `cpu`,
+            `cuda`, `cuda:1`, ...
         shard_size: Sequences per Arrow shard.
         overwrite: Replace an existing replay directory (only once the new one is complete).
         store_topk: Also cache the model's top-k next-token log-probabilities at every position
             (k per token; needed by `KLFromCachedTopK`); 0: none.
+        backend: `hf` (transformers `generate`) or `vllm` (GPU, the optional `vllm` extra; the
+            model is then also loaded on CPU for the manifest's fingerprint).
         trust_remote_code: Allow model code shipped with the checkpoint to run.
     """
     task_size = len(task.load(task.split)) if task is not None and budget.fraction else None
@@ -132,13 +143,16 @@ def generate(
         model, dtype=getattr(torch, dtype) if dtype else torch.float32,
         trust_remote_code=trust_remote_code,
     )
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    manifest = generate_replay(lm.to(device), tok, output_dir, sampling, budget,
-                               task_size=task_size, shard_size=shard_size, overwrite=overwrite,
-                               store_topk=store_topk)
-    print(f"wrote {manifest['num_sequences']} sequences, {manifest['num_generated_tokens']} "
-          f"generated tokens to {Path(output_dir)}")
+    with torchrun_process_group() as distributed:
+        if device == "auto":
+            cuda = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if distributed else "cuda"
+            device = cuda if torch.cuda.is_available() and backend == "hf" else "cpu"
+        manifest = generate_replay(lm.to(device), tok, output_dir, sampling, budget,
+                                   task_size=task_size, shard_size=shard_size, overwrite=overwrite,
+                                   store_topk=store_topk, distributed=distributed, backend=backend)
+        if not distributed or torch.distributed.get_rank() == 0:
+            print(f"wrote {manifest['num_sequences']} sequences, {manifest['num_generated_tokens']} "
+                  f"generated tokens to {Path(output_dir)}")
     return manifest
 
 

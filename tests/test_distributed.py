@@ -141,3 +141,41 @@ def test_two_process_fit_checkpoint_resume_and_eval(strategy, tmp_path, tiny_mod
     assert load(out, "saved")[0]["step"] == 6
     history = json.loads((out / "retained_eval.json").read_text())
     assert [h["step"] for h in history] == [0, 3, 6]  # the fit-start baseline survived the resume
+
+
+@pytest.mark.parametrize("budget", [["--budget.sequences=37"], ["--budget.tokens=301"]])
+def test_generation_on_two_processes_splits_the_budget_exactly(budget, tmp_path, tiny_model_dir):
+    from cfs_lightning.generation import Budget, SamplingConfig, generate_replay, load_shards, read_manifest
+
+    out = tmp_path / "replay"
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+            "-m", "cfs_lightning.cli", "generate", f"--model={tiny_model_dir}", f"--output_dir={out}",
+            "--sampling.batch_size=8", "--sampling.max_new_tokens=20", "--sampling.seed=3",
+            "--shard_size=4", "--store_topk=3", "--device=cpu", *budget]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    manifest = read_manifest(out)
+    assert manifest["world_size"] == 2
+    assert {name.split("-")[1] for name in manifest["shards"]} == {"r000", "r001"}
+    one = tmp_path / "one"
+    key, value = budget[0].removeprefix("--budget.").split("=")
+    generate_replay(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                    AutoTokenizer.from_pretrained(tiny_model_dir), one,
+                    SamplingConfig(batch_size=8, max_new_tokens=20, seed=3),
+                    Budget(**{key: int(value)}), shard_size=4, store_topk=3)
+    single = read_manifest(one)
+    for field in ("num_sequences", "num_generated_tokens"):
+        assert manifest[field] == single[field]
+    if key == "sequences":
+        assert manifest["num_sequences"] == 37
+    else:
+        assert manifest["num_generated_tokens"] == 301
+
+    def rows(replay_dir):  # the multiset of sequences, with their cached top-k
+        data = load_shards(replay_dir)
+        return sorted((tuple(r["input_ids"].tolist()), tuple(map(tuple, r["topk_ids"].tolist())))
+                      for r in data)
+
+    assert rows(out) == rows(one)

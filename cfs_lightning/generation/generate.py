@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 import torch
+import torch.distributed as dist
 import transformers
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import cfs_lightning
 
-from .sampler import Budget, SamplingConfig, resolve_start_token, sample_context_free
+from .sampler import Budget, GenerationError, SamplingConfig, resolve_start_token, sample_context_free
 from .shards import model_fingerprint, tokenizer_fingerprint, write_shards
+from .vllm_backend import sample_with_vllm
 
 
 def generate_replay(
@@ -27,13 +33,29 @@ def generate_replay(
     shard_size: int = 10_000,
     overwrite: bool = False,
     store_topk: int = 0,
+    distributed: bool = False,
+    backend: Literal["hf", "vllm"] = "hf",
 ) -> dict:
     """Sample context-free replay from `model` into `output_dir`; return the manifest.
 
     With `store_topk=k` the shards also cache the model's top-k next-token log-probabilities at
     every position (for `KLFromCachedTopK`). The model is put in eval mode for sampling and given
     back in the mode it came in.
+
+    With `distributed`, every rank of the initialised process group calls it with its own copy of
+    the model: the budget's batches are dealt out over the ranks (see `sample_context_free`), each
+    rank writes its own shards, and the manifest lists them all. The same seed and budget give the
+    same set of sequences whatever the number of processes (the order of rows in the merged set
+    follows the ranks).
+
+    `backend="vllm"` samples with vLLM from the checkpoint `model.name_or_path` (GPU, one
+    process); `model` then only supplies the manifest's provenance (fingerprint, dtype).
     """
+    if backend not in ("hf", "vllm"):
+        raise GenerationError(f"backend must be 'hf' or 'vllm', got {backend!r}")
+    if backend == "vllm" and distributed:
+        raise GenerationError("backend='vllm' runs as one process (vLLM shards the model itself): "
+                              "launch it without torchrun")
     start_id = resolve_start_token(tokenizer, sampling.start_token)  # fail before any work
     max_sequences, max_tokens = budget.resolve(task_size)
     manifest = {
@@ -51,6 +73,7 @@ def generate_replay(
         "eos_token_id": tokenizer.eos_token_id,
         "sampling": sampling.to_dict(),
         "store_topk": store_topk,
+        "backend": backend,
         "budget": {"requested": vars(budget), "task_size": task_size,
                    "max_sequences": max_sequences, "max_tokens": max_tokens},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
@@ -58,19 +81,27 @@ def generate_replay(
     was_training = model.training
     model.eval()
     try:
+        if backend == "vllm":
+            stream = sample_with_vllm(model.name_or_path, tokenizer, sampling, max_sequences,
+                                      max_tokens, store_topk, dtype=str(model.dtype).removeprefix("torch."))
+        else:
+            stream = sample_context_free(model, tokenizer, sampling, max_sequences, max_tokens,
+                                         store_topk, distributed)
         batches = _with_progress(
-            sample_context_free(model, tokenizer, sampling, max_sequences, max_tokens, store_topk),
+            stream,
             total=max_sequences or max_tokens,
             unit="seq" if max_sequences else "tok",
+            shown=not distributed or dist.get_rank() == 0,
         )
-        return write_shards(output_dir, batches, manifest, shard_size, overwrite)
+        return write_shards(output_dir, batches, manifest, shard_size, overwrite, distributed)
     finally:
         model.train(was_training)
 
 
-def _with_progress(batches, total: int, unit: str):
-    """Pass batches through while showing sequences or tokens done and tokens/s."""
-    bar = tqdm(total=total, unit=unit, desc="context-free sampling", dynamic_ncols=True)
+def _with_progress(batches, total: int, unit: str, shown: bool = True):
+    """Pass batches through while showing sequences or tokens done and tokens/s (this process's
+    share, in a distributed run)."""
+    bar = tqdm(total=total, unit=unit, desc="context-free sampling", dynamic_ncols=True, disable=not shown)
     start, tokens = time.perf_counter(), 0
     try:
         for records in batches:
@@ -81,3 +112,20 @@ def _with_progress(batches, total: int, unit: str):
             yield records
     finally:
         bar.close()
+
+
+@contextlib.contextmanager
+def torchrun_process_group() -> Iterator[bool]:
+    """Join the process group that `torchrun` describes in the environment (WORLD_SIZE > 1):
+    NCCL with CUDA, else gloo. Yields whether the run is distributed; leaves the group on exit."""
+    if dist.is_available() and dist.is_initialized():
+        yield dist.get_world_size() > 1
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        yield False
+        return
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield True
+    finally:
+        dist.destroy_process_group()

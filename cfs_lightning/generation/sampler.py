@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 from transformers import (
     GenerationConfig,
     LogitsProcessor,
@@ -175,47 +176,75 @@ def sample_context_free(
     max_sequences: int | None,
     max_tokens: int | None,
     store_topk: int = 0,
+    distributed: bool = False,
 ) -> Iterator[list[dict]]:
     """Yield batches of sampled records until the budget is met.
 
     A record holds `input_ids` (start token first) and, with `store_topk=k`, `topk_ids` and
     `topk_logprobs`: for each position t < len(input_ids) - 1, the model's k most likely next
     tokens and their log-probabilities (temperature 1), i.e. its distribution over token t + 1.
-    Each batch is seeded from (cfg.seed, batch index), so the stream is reproducible (recording
-    the top-k does not change it); the caller's RNG state is left untouched.
+
+    The budget is cut into a global sequence of batches, batch b seeded from (cfg.seed, b), so
+    the stream is reproducible (recording the top-k does not change it) and the caller's RNG
+    state is left untouched. With `distributed`, every rank of the initialised torch.distributed
+    process group calls this: rank r samples
+    batches r, r + W, r + 2W, ... of the same sequence, and a token budget is cut after each round
+    of W batches exactly where one process would cut it. All ranks together therefore yield the
+    batches a single process would, whatever the world size W; on CPU, where batched sampling is
+    deterministic, the very same sequences.
     """
     if (max_sequences is None) == (max_tokens is None):
         raise GenerationError("give exactly one of max_sequences, max_tokens")
     vocab = model.get_output_embeddings().weight.size(0)
     if not 0 <= store_topk < vocab:
         raise GenerationError(f"store_topk must be in [0, {vocab}) (the vocabulary size), got {store_topk}")
-    start_id = resolve_start_token(tokenizer, cfg.start_token)
-    gen_cfg = _generation_config(cfg, tokenizer)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if max_sequences is not None:  # every batch size is known in advance
+        n_batches = -(-max_sequences // cfg.batch_size)
+        for b in range(rank, n_batches, world):
+            n = min(cfg.batch_size, max_sequences - b * cfg.batch_size)
+            yield _sample_batch(model, tokenizer, cfg, n, b, store_topk)
+        return
+    done_tokens, first = 0, 0
+    while done_tokens < max_tokens:  # rounds of `world` batches, first..first + world - 1
+        records = _sample_batch(model, tokenizer, cfg, cfg.batch_size, first + rank, store_topk)
+        counts = _all_gather_ints(sum(len(r["input_ids"]) - 1 for r in records), world)
+        before = done_tokens + sum(counts[:rank])  # tokens of the round's earlier batches
+        records = _fit_token_budget(records, max_tokens - before)
+        if records:
+            yield records
+        done_tokens += sum(counts)
+        first += world
+
+
+def _sample_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: SamplingConfig,
+                  n: int, batch_index: int, store_topk: int) -> list[dict]:
+    """Batch `batch_index` of the stream: n records sampled under the seed (cfg.seed, batch_index)."""
     device = next(model.parameters()).device
-    done_seqs, done_tokens, batch_index = 0, 0, 0
-    while (max_sequences is None or done_seqs < max_sequences) and (
-        max_tokens is None or done_tokens < max_tokens
-    ):
-        n = cfg.batch_size if max_sequences is None else min(cfg.batch_size, max_sequences - done_seqs)
-        recorder = TopKRecorder(store_topk) if store_topk else None
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(cfg.seed * 1_000_003 + batch_index)
-            start = torch.full((n, 1), start_id, dtype=torch.long, device=device)
-            out = model.generate(
-                input_ids=start, attention_mask=torch.ones_like(start), generation_config=gen_cfg,
-                logits_processor=LogitsProcessorList([recorder] if recorder else []),
-            )
-        records = [{"input_ids": _trim(r, tokenizer.eos_token_id, cfg.stop_at_eos)} for r in out.tolist()]
-        if recorder is not None:
-            for rec, ids, logprobs in zip(records, *recorder.per_row(), strict=True):
-                n_gen = len(rec["input_ids"]) - 1
-                rec["topk_ids"], rec["topk_logprobs"] = ids[:n_gen], logprobs[:n_gen]
-        if max_tokens is not None:
-            records = _fit_token_budget(records, max_tokens - done_tokens)
-        done_seqs += len(records)
-        done_tokens += sum(len(r["input_ids"]) - 1 for r in records)
-        batch_index += 1
-        yield records
+    start_id = resolve_start_token(tokenizer, cfg.start_token)
+    recorder = TopKRecorder(store_topk) if store_topk else None
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed * 1_000_003 + batch_index)
+        start = torch.full((n, 1), start_id, dtype=torch.long, device=device)
+        out = model.generate(
+            input_ids=start, attention_mask=torch.ones_like(start),
+            generation_config=_generation_config(cfg, tokenizer),
+            logits_processor=LogitsProcessorList([recorder] if recorder else []),
+        )
+    records = [{"input_ids": _trim(r, tokenizer.eos_token_id, cfg.stop_at_eos)} for r in out.tolist()]
+    if recorder is not None:
+        for rec, ids, logprobs in zip(records, *recorder.per_row(), strict=True):
+            n_gen = len(rec["input_ids"]) - 1
+            rec["topk_ids"], rec["topk_logprobs"] = ids[:n_gen], logprobs[:n_gen]
+    return records
+
+
+def _all_gather_ints(value: int, world: int) -> list[int]:
+    if world == 1:
+        return [value]
+    gathered: list[int | None] = [None] * world
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def _fit_token_budget(records: list[dict], remaining: int) -> list[dict]:

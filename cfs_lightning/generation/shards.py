@@ -1,9 +1,9 @@
 """Replay shards on disk: Arrow files written through `datasets`, plus `manifest.json`.
 
-A replay directory holds `shard-00000.arrow`, `shard-00001.arrow`, ... (an `input_ids` column of
-int32 token ids per row, start token first; with `store_topk`, also `topk_ids` (int32) and
-`topk_logprobs` (float32), one list of k per position but the last) and a manifest recording where
-the sequences came from. It is written into a temporary sibling directory and renamed into place
+A replay directory holds `shard-00000.arrow`, `shard-00001.arrow`, ... (`shard-r<rank>-<n>.arrow`
+when written by several processes), each with an `input_ids` column of int32 token ids per row,
+start token first (with `store_topk`, also `topk_ids` (int32) and `topk_logprobs` (float32), one
+list of k per position but the last), and a manifest recording where the sequences came from. It is written into a temporary sibling directory and renamed into place
 only when complete, so a crash never leaves a half-written replay set and an existing one is never
 overwritten.
 """
@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
 from datasets.arrow_writer import ArrowWriter
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -63,10 +64,49 @@ def write_shards(
     manifest: dict,
     shard_size: int = 10_000,
     overwrite: bool = False,
+    distributed: bool = False,
 ) -> dict:
     """Write records (`input_ids`, optionally the top-k columns) as Arrow shards and the manifest
-    (with counts added); return the manifest."""
+    (with counts added); return the manifest.
+
+    With `distributed`, every rank of the initialised torch.distributed process group calls it
+    with its own records: each rank writes its
+    own shards (`shard-r<rank>-<n>.arrow`) into one temporary directory, and rank 0 merges their
+    lists and counts into the manifest and moves the directory into place once all are done.
+    """
     out = Path(output_dir)
+    _check_output_dir(out, overwrite)
+    if not distributed:
+        with atomic_dir(out) as tmp:
+            manifest = {**manifest, **_write_arrow(tmp, batches, shard_size, "shard-")}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        return manifest
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0:
+        with atomic_dir(out) as tmp:
+            manifest = _write_ranks(tmp, batches, manifest, shard_size, rank, world)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    else:
+        manifest = _write_ranks(None, batches, manifest, shard_size, rank, world)
+    dist.barrier()  # the directory is in place before any rank returns
+    return manifest
+
+
+def _write_ranks(tmp: Path | None, batches: Iterable[list[dict]], manifest: dict, shard_size: int,
+                 rank: int, world: int) -> dict:
+    """Every rank writes its shards into rank 0's temporary directory; the counts are merged."""
+    shared = [str(tmp) if tmp is not None else None]
+    dist.broadcast_object_list(shared, src=0)
+    mine = _write_arrow(Path(shared[0]), batches, shard_size, f"shard-r{rank:03d}-")
+    parts: list[dict | None] = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {**manifest, "world_size": world,
+            "shards": [name for part in parts for name in part["shards"]],
+            "num_sequences": sum(part["num_sequences"] for part in parts),
+            "num_generated_tokens": sum(part["num_generated_tokens"] for part in parts)}
+
+
+def _check_output_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(
@@ -78,20 +118,16 @@ def write_shards(
                 f"{out} holds files but no {MANIFEST}: it is not a replay directory, so "
                 "overwrite=true will not delete it; choose another output_dir"
             )
-    with atomic_dir(out) as tmp:
-        manifest = {**manifest, **_write_arrow(tmp, batches, shard_size)}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
 
 
-def _write_arrow(tmp: Path, batches: Iterable[list[dict]], shard_size: int) -> dict:
+def _write_arrow(tmp: Path, batches: Iterable[list[dict]], shard_size: int, prefix: str) -> dict:
     shards: list[str] = []
     writer: ArrowWriter | None = None
     in_shard = n_seq = n_tok = 0
     for records in batches:
         for rec in records:
             if writer is None:
-                shards.append(f"shard-{len(shards):05d}.arrow")
+                shards.append(f"{prefix}{len(shards):05d}.arrow")
                 features = TOPK_FEATURES if "topk_ids" in rec else FEATURES
                 writer = ArrowWriter(features=features, path=str(tmp / shards[-1]))
             writer.write(rec)
