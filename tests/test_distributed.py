@@ -23,8 +23,30 @@ from cfs_lightning.evaluation import evaluate_lm, task_specs
 
 from .conftest import REPO
 
-TASKS = [str(REPO / "configs/tasks/shakespeare_heldout.yaml"), str(REPO / "configs/tasks/gsm8k_answers.yaml")]
 LIMIT = 11  # odd: the two ranks get 6 and 5 documents, so lm-eval pads one rank
+CHOICE_YAML = """task: gsm8k_yes_no
+dataset_path: json
+dataset_kwargs:
+  data_files: {test: %s}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{question}}\\nIs the answer obvious?"
+doc_to_choice: [" yes", " no"]
+doc_to_target: 0
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.fixture(scope="module")
+def eval_tasks(tmp_path_factory) -> list[str]:
+    """Rolling log-likelihood, answer log-likelihood and a two-way multiple choice."""
+    choice = tmp_path_factory.mktemp("tasks") / "choice.yaml"
+    choice.write_text(CHOICE_YAML % (REPO / "data/gsm8k/test.jsonl"))
+    return [str(REPO / "configs/tasks/shakespeare_heldout.yaml"),
+            str(REPO / "configs/tasks/gsm8k_answers.yaml"), str(choice)]
 
 
 def run_fit(config: Path, strategy: str, *extra: str, devices: int = 2) -> None:
@@ -35,7 +57,7 @@ def run_fit(config: Path, strategy: str, *extra: str, devices: int = 2) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
 
 
-def fit_config(out: Path, model_dir: Path, task_files: dict, replay_dir: Path) -> Path:
+def fit_config(out: Path, model_dir: Path, task_files: dict, replay_dir: Path, tasks: list[str]) -> Path:
     config = {
         "seed_everything": 0,
         "trainer": {
@@ -47,7 +69,7 @@ def fit_config(out: Path, model_dir: Path, task_files: dict, replay_dir: Path) -
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                  "init_args": {"dirpath": str(out / "ckpt"), "save_last": True}},
                 {"class_path": "cfs_lightning.callbacks.RetainedEval",
-                 "init_args": {"tasks": TASKS, "limit": LIMIT, "batch_size": 4}},
+                 "init_args": {"tasks": tasks, "limit": LIMIT, "batch_size": 4}},
                 {"class_path": "tests.dist_probe.Probe", "init_args": {"out": str(out / "probe")}},
             ],
         },
@@ -78,10 +100,11 @@ def fit_config(out: Path, model_dir: Path, task_files: dict, replay_dir: Path) -
 
 
 @pytest.fixture(scope="module")
-def one_process_scores(tiny_model_dir) -> dict[str, float]:
+def one_process_scores(tiny_model_dir, eval_tasks) -> dict[str, float]:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    values, _ = evaluate_lm(model, AutoTokenizer.from_pretrained(tiny_model_dir), task_specs(TASKS),
+    values, _ = evaluate_lm(model, AutoTokenizer.from_pretrained(tiny_model_dir), task_specs(eval_tasks),
                             batch_size=4, limit=LIMIT)
+    assert {k.split("/")[0] for k in values} == {"shakespeare_heldout", "gsm8k_answers", "gsm8k_yes_no"}
     return values
 
 
@@ -95,9 +118,9 @@ def tensors_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_process_fit_checkpoint_resume_and_eval(strategy, tmp_path, tiny_model_dir, tiny_task_files,
-                                                    tiny_replay_dir, one_process_scores):
+                                                    tiny_replay_dir, eval_tasks, one_process_scores):
     out = tmp_path / strategy
-    config = fit_config(out, tiny_model_dir, tiny_task_files, tiny_replay_dir)
+    config = fit_config(out, tiny_model_dir, tiny_task_files, tiny_replay_dir, eval_tasks)
     run_fit(config, strategy)
     start, saved = load(out, "start"), load(out, "saved")
     sharded = strategy == "fsdp2"

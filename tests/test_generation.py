@@ -199,3 +199,40 @@ def test_store_topk_records_the_base_distribution_without_changing_samples(tiny_
         torch.testing.assert_close(top.values, torch.tensor(rec["topk_logprobs"]), rtol=0, atol=1e-4)
     with pytest.raises(GenerationError, match="store_topk"):
         next(sample_context_free(tiny_model, tiny_tokenizer, cfg, 1, None, store_topk=10_000))
+
+
+def _has_vllm() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+@pytest.mark.skipif(_has_vllm(), reason="vLLM is installed: the missing-dependency error cannot occur")
+def test_vllm_backend_without_vllm_is_a_clear_error_and_writes_nothing(tmp_path, tiny_model, tiny_tokenizer):
+    from cfs_lightning.generation import Budget, SamplingConfig, generate_replay
+
+    with pytest.raises(GenerationError, match=r"pip install 'cfs-lightning\[vllm\]'"):
+        generate_replay(tiny_model, tiny_tokenizer, tmp_path / "r", SamplingConfig(), Budget(sequences=2),
+                        backend="vllm")
+    assert not (tmp_path / "r").exists() and not list(tmp_path.iterdir())
+    with pytest.raises(GenerationError, match="backend must be"):
+        generate_replay(tiny_model, tiny_tokenizer, tmp_path / "r", SamplingConfig(), Budget(sequences=2),
+                        backend="sglang")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (_has_vllm() and torch.cuda.is_available()), reason="needs vLLM and a CUDA device")
+def test_vllm_backend_writes_the_replay_format(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cfs_lightning.generation import Budget, SamplingConfig, generate_replay, load_shards, read_manifest
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    generate_replay(model, tok, tmp_path / "r", SamplingConfig(max_new_tokens=16, batch_size=4),
+                    Budget(tokens=50), store_topk=3, backend="vllm")
+    manifest, data = read_manifest(tmp_path / "r"), load_shards(tmp_path / "r")
+    assert manifest["backend"] == "vllm" and manifest["num_generated_tokens"] == 50
+    for row in data:
+        assert row["input_ids"][0] == tok.bos_token_id
+        assert len(row["topk_ids"]) == len(row["input_ids"]) - 1 and len(row["topk_ids"][0]) == 3

@@ -103,3 +103,28 @@ def test_scores_match_a_hand_computation_and_forget_is_signed(tmp_path, task_fil
 def test_bad_task_path_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         task_specs([str(tmp_path / "nope.yaml")])
+
+
+def test_named_suites_expand_and_unknown_ones_are_refused():
+    assert task_specs([], ["olmo_zero_shot"]) == ["arc_easy", "arc_challenge", "boolq", "hellaswag",
+                                                  "openbookqa", "piqa", "sciq", "winogrande"]
+    assert task_specs(["gsm8k"], ["gsm8k"]) == ["gsm8k"]  # a task named twice runs once
+    with pytest.raises(ValueError, match="unknown task suite.*olmo_zero_shot"):
+        RetainedEval(suites=["olmo"])
+    with pytest.raises(ValueError, match="at least one entry in tasks or suites"):
+        RetainedEval()
+
+
+def test_every_n_epochs_without_fit_start_and_never_in_the_sanity_check(tmp_path, task_files, tiny_model_dir,
+                                                                         tiny_task_files):
+    model = CausalLMFineTuner(str(tiny_model_dir), optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    callback = RetainedEval(tasks=task_files[:1], batch_size=2, every_n_epochs=2, on_fit_start=False)
+    dm = ReplayDataModule(TaskSource(path="json", data_files=tiny_task_files, prompt="{question}",
+                                     response=" {answer}", val_split="test"),
+                          tokenizer=str(tiny_model_dir), batch_size=8)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, limit_train_batches=2, limit_val_batches=1,
+                        num_sanity_val_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, callbacks=[callback], default_root_dir=str(tmp_path))
+    trainer.fit(model, datamodule=dm)
+    assert [h["epoch"] for h in callback.history] == [1]  # after epoch 2 only (0-based 1)
+    assert callback.history[0]["forget/toy_rolling/bits_per_byte"] == 0.0  # the first one is the baseline
