@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -8,11 +9,14 @@ from cfs_lightning.callbacks import load_task_yaml
 from cfs_lightning.cli import main, run_cli
 from cfs_lightning.generation import read_manifest
 
-from .conftest import REPO
+from .conftest import REPO, write_jsonl
 
 FIT_CONFIGS = ["configs/toy/pretrain.yaml", "configs/toy/finetune.yaml"]
 METHODS = ["ft", "cfs-nll", "cfs-kl", "cfs-kl-topk", "l2", "ema", "lora", "lora+cfs"]
 OVERLAYS = {f"configs/toy/{m}.yaml": "configs/toy/finetune.yaml" for m in METHODS}
+STRATEGY_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/strategies").glob("*.yaml"))
+PAPER_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/paper").glob("*.yaml"))
+OVERLAYS.update({s: "configs/toy/finetune.yaml" for s in STRATEGY_CONFIGS})  # added to a run's config
 FUNCTION_CONFIGS = {"configs/toy/init.yaml": "init", "configs/toy/generate.yaml": "generate",
                     "configs/toy/demo.yaml": "demo", "configs/toy/interpolate.yaml": "interpolate"}
 TASK_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/tasks").glob("*.yaml"))
@@ -21,11 +25,12 @@ TASK_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/tasks")
 def test_every_yaml_is_covered():
     every = {str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")}
     known = (set(FIT_CONFIGS) | set(OVERLAYS) | set(FUNCTION_CONFIGS) | set(TASK_CONFIGS)
+             | set(STRATEGY_CONFIGS) | set(PAPER_CONFIGS)
              | {str(p.relative_to(REPO)) for p in (REPO / "configs/examples").glob("*.yaml")})
     assert every == known
 
 
-@pytest.mark.parametrize("config", FIT_CONFIGS + sorted(OVERLAYS) + sorted(
+@pytest.mark.parametrize("config", FIT_CONFIGS + sorted(OVERLAYS) + PAPER_CONFIGS + sorted(
     str(p.relative_to(REPO)) for p in (REPO / "configs/examples").glob("*.yaml")))
 def test_fit_configs_print_a_reusable_config(config, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
@@ -112,3 +117,73 @@ def test_generate_command_writes_shards(tmp_path, tiny_model_dir):
     main(["generate", f"--model={tiny_model_dir}", f"--output_dir={tmp_path / 'r'}",
           "--budget.sequences=5", "--sampling.max_new_tokens=6", "--device=cpu"])
     assert read_manifest(tmp_path / "r")["num_sequences"] == 5
+
+
+PAPER = {  # config -> (hub model, architecture class, record fields the templates read)
+    "configs/paper/olmo1b_math.yaml": ("allenai/OLMo-1B-hf", "olmo", "OlmoForCausalLM"),
+    "configs/paper/r1_distill_llama8b_medical.yaml": ("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "llama",
+                                                      "LlamaForCausalLM"),
+}
+CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _paper_records(n: int) -> list[dict]:
+    """GSM8K text under the field names of MetaMathQA and medical-o1-reasoning-SFT."""
+    rows = [json.loads(line) for line in (REPO / "data/gsm8k/train.jsonl").read_text().splitlines()[:n]]
+    return [{"query": r["question"], "response": r["answer"], "Question": r["question"],
+             "Complex_CoT": r["answer"].split("####")[0], "Response": r["answer"].split("####")[-1]}
+            for r in rows]
+
+
+@pytest.mark.parametrize("config", sorted(PAPER))
+def test_paper_configs_fast_dev_run_with_a_tiny_model_of_the_same_class(config, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from cfs_lightning.sharding import DecoderBlockFSDPStrategy
+    from cfs_lightning.toy.init_model import init_model
+
+    hub_name, model_type, architecture = PAPER[config]
+    monkeypatch.chdir(REPO)
+    paper = yaml.safe_load((REPO / config).read_text())
+    assert paper["model"]["init_args"]["pretrained"] == hub_name
+    model_dir = init_model(str(tmp_path / "model"), [str(REPO / "data/tinyshakespeare/train.txt")],
+                           vocab_size=512, model_type=model_type, seed=0, model_config=dict(
+                               hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = CHAT
+    tok.save_pretrained(model_dir)
+    train = write_jsonl(tmp_path / "train.jsonl", _paper_records(40))
+    overrides = tmp_path / "tiny.yaml"
+    overrides.write_text(yaml.safe_dump({
+        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "strategy": "auto",
+                    "fast_dev_run": 2, "logger": False,
+                    "callbacks": [{"class_path": "cfs_lightning.callbacks.RetainedEval",
+                                   "init_args": {"tasks": TASK_CONFIGS, "limit": 4, "batch_size": 4}}]},
+        "model": {"init_args": {"pretrained": str(model_dir)}},
+        "data": {"init_args": {"task": {"path": "json", "name": None, "data_files": {"train": train},
+                                        "max_length": 256},
+                               "replay": {"dir": str(tmp_path / "replay"), "val_size": 1}}},
+        "export": {"dirpath": str(tmp_path / "hf")},
+    }))
+    # The replay set is sampled by fit itself (prepare_data) where the config says how, else here.
+    gen = paper["data"]["init_args"]["replay"].get("generate")
+    extra = ["--data.init_args.replay.generate.sampling.start_token=</s>",
+             "--data.init_args.replay.generate.sampling.max_new_tokens=16"] if gen else []
+    if not gen:
+        main(["generate", f"--model={model_dir}", f"--output_dir={tmp_path / 'replay'}",
+              "--budget.sequences=24", "--sampling.max_new_tokens=16", "--device=cpu"])
+    cli = run_cli(["fit", "--config", config, "--config", str(overrides), *extra])
+    assert type(cli.model.hf_model).__name__ == architecture
+    assert "train/reg/nll_replay" in cli.trainer.callback_metrics
+    assert "eval/gsm8k_answers/bits_per_byte" in cli.trainer.callback_metrics
+    assert (tmp_path / "replay" / "manifest.json").is_file() and (tmp_path / "hf" / "config.json").is_file()
+    strategy = paper["trainer"].get("strategy")
+    if strategy:  # FSDP1 needs a GPU; its wrap policy is read from this very model class
+        assert strategy["class_path"] == "cfs_lightning.sharding.DecoderBlockFSDPStrategy"
+        from cfs_lightning.sharding import decoder_block_classes
+
+        assert {c.__name__ for c in decoder_block_classes(cli.model.model)} == {"LlamaDecoderLayer"}
+        with pytest.raises(ValueError, match="builds its auto_wrap_policy"):
+            DecoderBlockFSDPStrategy(auto_wrap_policy={object})

@@ -105,8 +105,14 @@ class ReplayDataModule(L.LightningDataModule):
             raise RuntimeError("replay.generate needs the model: run it through a Trainer")
         gen = self.replay.generate
         task_size = len(self.task.load(self.task.split)) if gen.budget.fraction else None
-        generate_replay(model, self._load_tokenizer(), self.replay.dir, gen.sampling, gen.budget,
-                        task_size=task_size, shard_size=gen.shard_size, store_topk=gen.store_topk)
+        # Sample on this process's accelerator; the trainer places the model itself afterwards.
+        home = next(model.parameters()).device
+        try:
+            generate_replay(model.to(self.trainer.strategy.root_device), self._load_tokenizer(),
+                            self.replay.dir, gen.sampling, gen.budget, task_size=task_size,
+                            shard_size=gen.shard_size, store_topk=gen.store_topk)
+        finally:
+            model.to(home)
 
     def setup(self, stage: str | None = None) -> None:
         tok = self._load_tokenizer()
