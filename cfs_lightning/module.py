@@ -83,6 +83,7 @@ class CausalLMFineTuner(L.LightningModule):
                                       lora is not None)
         # A plain attribute, not a submodule: never in the optimizer, state_dict or checkpoints.
         self.reference: FrozenReference | None = FrozenReference(model, "copy") if mode == "copy" else None
+        self.lora = lora
         self.model = apply_lora(model, lora) if lora is not None else model
         if mode == "adapters_disabled":
             self.reference = FrozenReference(self.model, mode)
@@ -122,7 +123,7 @@ class CausalLMFineTuner(L.LightningModule):
         # the frozen reference in units of its own. Later stages find the model already sharded.
         if self.device_mesh is not None and not is_sharded(self.model):
             mesh = self._data_parallel_mesh()
-            shard_fsdp2(self.model, mesh)
+            shard_fsdp2(self.hf_model, mesh)  # the transformers model is the root unit, also under LoRA
             if self.reference is not None:
                 self.reference.shard(mesh)
         # Regularizers snapshot theta_0 / averages here: after the model exists in its final
@@ -211,7 +212,10 @@ class CausalLMFineTuner(L.LightningModule):
         """
         model = self.model
         if is_sharded(model):
-            model = gathered_copy(model, self.hf_model.config, self.hparams.lora)
+            fsdp1 = self.device_mesh is None  # FSDP1 wraps the LightningModule: read it from the root
+            model = gathered_copy(model, self.hf_model.config, self.lora,
+                                  root=self.trainer.strategy.model if fsdp1 else None,
+                                  prefix="model." if fsdp1 else "")
         if out is None:
             return
         if isinstance(model, PeftModel):

@@ -9,11 +9,13 @@ path of the architecture.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel, fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
@@ -40,15 +42,14 @@ def _transformers_model(model: nn.Module) -> PreTrainedModel:
     raise TypeError(f"{type(model).__name__} holds no transformers PreTrainedModel")
 
 
-def shard_fsdp2(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | None = None,
-                reshard_after_forward: bool | None = None) -> None:
+def shard_fsdp2(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool | None = None) -> None:
     """`fully_shard` every decoder block of `model`, then the model itself (embeddings, final norm,
     output head and anything else left over form the root unit). Sharded in place.
 
     `reshard_after_forward` None keeps FSDP2's default (the root stays gathered until backward).
+    Mixed precision comes from the trainer's `precision` (autocast), as on one device.
     """
-    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward,
-              **({"mp_policy": mp_policy} if mp_policy is not None else {})}
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     blocks = tuple(decoder_block_classes(model))
     for module in [m for m in model.modules() if isinstance(m, blocks)]:
         fully_shard(module, **kwargs)
@@ -99,11 +100,28 @@ class DecoderBlockFSDPStrategy(FSDPStrategy):
         self.activation_checkpointing_blocks = activation_checkpointing_blocks
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
+        if getattr(model, "lora", None) is not None:
+            raise ValueError("LoRA is not supported with FSDP1: use FSDP2 (configs/strategies/fsdp2.yaml) or DDP")
+        stateful = [r.name for r in getattr(model, "regularizers", []) if r.per_parameter_state]
+        if stateful:
+            raise ValueError(
+                f"regularizers {stateful} keep per-parameter state, which FSDP1's flattened shards "
+                "do not support: use FSDP2 (configs/strategies/fsdp2.yaml) or DDP"
+            )
         blocks = decoder_block_classes(model)
         self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(blocks | {type(_transformers_model(model))})
         if self.activation_checkpointing_blocks:
             self._activation_checkpointing_kwargs = {"auto_wrap_policy": ModuleWrapPolicy(blocks)}
         return super()._setup_model(model)
+
+
+def full_params_for_eval(root: nn.Module):
+    """FSDP1: every rank gathers the whole model for the duration (read-only), so that it can be
+    called outside the wrapped training forward, e.g. by lm-eval. A no-op for unwrapped and FSDP2
+    models (FSDP2 gathers in each unit's own forward)."""
+    if any(isinstance(m, FullyShardedDataParallel) for m in root.modules()):
+        return FullyShardedDataParallel.summon_full_params(root, writeback=False, recurse=True)
+    return contextlib.nullcontext()
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -116,15 +134,19 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def gathered_copy(model: nn.Module, config: PretrainedConfig, lora: LoRA | None) -> nn.Module | None:
+def gathered_copy(model: nn.Module, config: PretrainedConfig, lora: LoRA | None,
+                  root: nn.Module | None = None, prefix: str = "") -> nn.Module | None:
     """A whole, unsharded CPU copy of a sharded trainable model on rank 0 (None on other ranks).
 
-    Every rank must call it (the weights are all-gathered). The copy is built on the meta
-    device and takes the gathered tensors as they are, so rank 0 holds one CPU copy, no more.
+    Every rank must call it (the weights are all-gathered). Under FSDP1 the state is read from
+    the wrapped `root` (the LightningModule) and `prefix` (its attribute path to the model) is
+    stripped. The copy is built on the meta device and takes the gathered tensors as they are, so
+    rank 0 holds one CPU copy, no more.
     """
-    state = full_state_dict(model)
+    state = full_state_dict(root if root is not None else model)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return None
+    state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     with torch.device("meta"):
         copy = AutoModelForCausalLM.from_config(config)
     if lora is not None:

@@ -202,3 +202,21 @@ def test_generation_on_two_processes_splits_the_budget_exactly(budget, tmp_path,
                       for r in data)
 
     assert rows(out) == rows(one)
+
+
+def test_fsdp2_with_lora_shards_the_reference_copy_and_exports_the_merged_model(
+        tmp_path, tiny_model_dir, tiny_task_files, tiny_replay_dir, eval_tasks):
+    out = tmp_path / "lora"
+    config = fit_config(out, tiny_model_dir, tiny_task_files, tiny_replay_dir, eval_tasks[:1])
+    run_fit(config, "fsdp2", "--model.init_args.lora.r=4", "--model.init_args.lora.alpha=8",
+            "--model.init_args.reference=copy")
+    saved = load(out, "saved")
+    for rank in range(2):
+        assert saved[rank]["reference_sharded"] and not saved[rank]["reference_shares_params"]
+        assert saved[rank]["ema_updates"] == 3
+    assert (out / "hf_model" / "adapter" / "adapter_config.json").is_file()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(out / "hf_model").state_dict()
+    assert merged.keys() == base.keys()
+    changed = [k for k in base if not torch.equal(base[k], merged[k])]
+    assert changed and all("proj" in k for k in changed)  # only the LoRA-adapted projections moved

@@ -11,7 +11,7 @@ import torch
 from lm_eval.tasks import TaskManager
 
 from ..evaluation import evaluate_lm, task_manager_for, task_specs
-from ..sharding import is_sharded
+from ..sharding import full_params_for_eval, is_sharded
 
 
 class RetainedEval(L.Callback):
@@ -73,10 +73,12 @@ class RetainedEval(L.Callback):
         specs = task_specs(self.tasks, self.suites)
         if self._task_manager is None:
             self._task_manager = task_manager_for(specs)
-        with pl_module.evaluation_weights():
+        root = pl_module.trainer.strategy.model if pl_module._trainer is not None else pl_module
+        with pl_module.evaluation_weights(), full_params_for_eval(root):
+            # FSDP2 units gather in their own forward: every rank must run each forward pass.
             return evaluate_lm(pl_module.hf_model, pl_module.tokenizer, specs, self.batch_size,
                                self.limit, self.max_length, self.add_bos_token, self._task_manager,
-                               sharded=is_sharded(pl_module.model))
+                               sharded=is_sharded(pl_module.model) and pl_module.device_mesh is not None)
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         values, better = trainer.strategy.broadcast(self.evaluate(pl_module), src=0)

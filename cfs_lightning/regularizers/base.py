@@ -58,13 +58,17 @@ class Regularizer:
       - `state_dict()` / `load_state_dict(state)`: state saved in and restored from checkpoints.
 
     Subclasses set `streams` to the batch streams whose logits they read, `needs_reference` when
-    they read the module's frozen reference model, and `adds_term = False` when they add nothing
-    to the loss (weight averaging).
+    they read the module's frozen reference model, `adds_term = False` when they add nothing
+    to the loss (weight averaging), and `per_parameter_state` when they keep a tensor per
+    parameter.
     """
 
     streams: tuple[str, ...] = ()
     needs_reference: bool = False
     adds_term: bool = True
+    per_parameter_state: bool = False
+    """Keeps a tensor per trainable parameter (theta_0, an average): per-shard under FSDP2, not
+    supported by FSDP1's flattened shards."""
 
     def __init__(self, weight: float = 1.0, name: str | None = None) -> None:
         """

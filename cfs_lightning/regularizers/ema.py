@@ -30,6 +30,7 @@ class EMA(Regularizer):
     """
 
     adds_term = False
+    per_parameter_state = True
 
     def __init__(self, decay: float = 0.999, update_every: int = 1, eval_with_ema: bool = True,
                  final: Literal["ema", "live"] = "ema", name: str | None = None) -> None:

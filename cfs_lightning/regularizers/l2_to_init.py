@@ -18,6 +18,8 @@ class L2ToInit(Regularizer):
     every rank sees the global value and gradient.
     """
 
+    per_parameter_state = True
+
     def __init__(self, weight: float = 1e-3, offload: bool = False, name: str | None = None) -> None:
         """
         Args:
