@@ -19,9 +19,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .lora import LoRA, apply_lora, save_merged, unwrap
 from .losses import mean_token_nll, token_nll
-from .sharding import gathered_copy, is_sharded, shard_fsdp2
 from .reference import FrozenReference, resolve_reference_mode
 from .regularizers import NLLReplay, Regularizer
+from .sharding import gathered_copy, is_sharded, shard_fsdp2
 
 VAL_KEYS = {"task": "task_loss", "replay": "replay_nll"}
 """Validation log key per stream: `val/task_loss` and `val/replay_nll` (nats per token)."""

@@ -158,7 +158,7 @@ def test_paper_configs_fast_dev_run_with_a_tiny_model_of_the_same_class(config, 
     overrides = tmp_path / "tiny.yaml"
     overrides.write_text(yaml.safe_dump({
         "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "strategy": "auto",
-                    "fast_dev_run": 2, "logger": False,
+                    "fast_dev_run": 2, "logger": False, "default_root_dir": str(tmp_path),
                     "callbacks": [{"class_path": "cfs_lightning.callbacks.RetainedEval",
                                    "init_args": {"tasks": TASK_CONFIGS, "limit": 4, "batch_size": 4}}]},
         "model": {"init_args": {"pretrained": str(model_dir)}},
