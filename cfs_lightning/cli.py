@@ -1,4 +1,5 @@
-"""The `cfs` command: `fit|validate|test` (LightningCLI), `generate`, `interpolate`, `init`, `demo`.
+"""The `cfs` command: `fit|validate|test` (LightningCLI), `generate`, `contextual`, `corpus`,
+`interpolate`, `init`, `demo`.
 
 Every command takes `--config X.yaml`, dotted overrides (`--a.b=c`), `--help` and
 `--print_config`.
@@ -20,6 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .callbacks import HFExport
 from .data import ReplayDataModule, TaskSource
 from .generation import Budget, SamplingConfig, generate_replay
+from .generation.contextual import contextual_replay
+from .generation.corpus import CorpusSource, corpus_replay
 from .generation.generate import torchrun_process_group
 from .module import CausalLMFineTuner
 
@@ -31,6 +34,8 @@ USAGE = """usage: cfs COMMAND --config FILE.yaml [--key=value ...]
 commands:
   fit | validate | test   train or evaluate a model (LightningCLI; `cfs fit --help`)
   generate                write context-free replay shards from a base model
+  contextual              write contextual replay: the base model continuing the task prompts
+  corpus                  write replay shards of real text (a corpus)
   interpolate             WiSE-FT: evaluate weight interpolations of a base and a fine-tuned model
   init                    train a BPE tokenizer and write a randomly initialised model
   demo                    the toy-world comparison: base, plain fine-tuning, CFS replay
@@ -156,6 +161,77 @@ def generate(
     return manifest
 
 
+def corpus(
+    tokenizer: str,
+    corpus: CorpusSource,
+    output_dir: str,
+    budget: Budget,
+    max_length: int = 512,
+    start_token: str | None = None,
+    task: TaskSource | None = None,
+    shard_size: int = 10_000,
+    overwrite: bool = False,
+) -> dict:
+    """Replay of real text: pack a corpus into replay shards (the pretraining-data baseline).
+
+    Args:
+        tokenizer: Tokenizer name or directory (the model's to be fine-tuned).
+        corpus: The text: a `datasets` source or local files, and its text column.
+        output_dir: Replay directory to write; refused if it exists unless `overwrite`.
+        budget: How much: `sequences`, `tokens`, or `fraction` of the task dataset's size.
+        max_length: Tokens per replay sequence, the start token included.
+        start_token: Token each sequence starts with; None: the tokenizer's BOS.
+        task: The task data, needed only by `budget.fraction`.
+        shard_size: Sequences per Arrow shard.
+        overwrite: Replace an existing replay directory (only once the new one is complete).
+    """
+    task_size = len(task.load(task.split)) if task is not None and budget.fraction else None
+    manifest = corpus_replay(corpus, AutoTokenizer.from_pretrained(tokenizer), output_dir, budget,
+                             max_length, start_token, task_size, shard_size, overwrite)
+    print(f"wrote {manifest['num_sequences']} sequences, {manifest['num_generated_tokens']} tokens "
+          f"of {corpus.path} to {Path(output_dir)}")
+    return manifest
+
+
+def contextual(
+    model: str,
+    task: TaskSource,
+    output_dir: str,
+    budget: Budget,
+    sampling: SamplingConfig = SamplingConfig(),
+    tokenizer: str | None = None,
+    dtype: str | None = None,
+    device: str = "auto",
+    shard_size: int = 10_000,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Contextual synthetic replay: the base model's continuations of the task prompts.
+
+    Args:
+        model: Base model: hub name or local directory.
+        task: The task whose training prompts are continued (templated as for training).
+        output_dir: Replay directory to write; refused if it exists unless `overwrite`.
+        budget: How much: `sequences`, generated `tokens`, or `fraction` of the task's size.
+        sampling: Sampling settings (temperature 1, no truncation by default).
+        tokenizer: Tokenizer name or directory; default: `model`.
+        dtype: Weight dtype; default float32.
+        device: `auto` (CUDA when available), `cpu`, `cuda`, ...
+        shard_size: Sequences per Arrow shard.
+        overwrite: Replace an existing replay directory (only once the new one is complete).
+        trust_remote_code: Allow model code shipped with the checkpoint to run.
+    """
+    tok = AutoTokenizer.from_pretrained(tokenizer or model, trust_remote_code=trust_remote_code)
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype) if dtype else torch.float32,
+                                              trust_remote_code=trust_remote_code)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    manifest = contextual_replay(lm.to(device), tok, task, output_dir, sampling, budget, shard_size, overwrite)
+    print(f"wrote {manifest['num_sequences']} sequences, {manifest['num_generated_tokens']} tokens "
+          f"to {Path(output_dir)}; skipped: {manifest['contextual_stats']}")
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> None:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -163,8 +239,8 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
-    if command == "generate":
-        CLI(generate, args=rest, as_positional=False)
+    if command in COMMANDS:
+        CLI(COMMANDS[command], args=rest, as_positional=False)
     elif command == "interpolate":
         from .wise_ft import interpolate
 
@@ -181,6 +257,10 @@ def main(argv: list[str] | None = None) -> None:
         run_cli(None if from_command_line else argv)
     else:
         sys.exit(f"cfs: unknown command {command!r}\n\n{USAGE}")
+
+
+COMMANDS = {"generate": generate, "corpus": corpus, "contextual": contextual}
+"""Commands that are one function each (the rest are LightningCLI or import lazily)."""
 
 
 if __name__ == "__main__":

@@ -77,6 +77,10 @@ class TaskSource:
                 )
         return ds
 
+    def prompt_ids(self, record: dict, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """The token ids of one record's prompt, as training sees it (start token / chat header)."""
+        return _Encoder(self, tokenizer)._encode(record)[0]
+
     def tokenize(self, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
         """Tokenize and mask; warn about truncation; drop rows left without a response token."""
         encoded = ds.map(

@@ -6,20 +6,16 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.distributed as dist
-import transformers
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-import cfs_lightning
-
 from .sampler import Budget, GenerationError, SamplingConfig, resolve_start_token, sample_context_free
-from .shards import model_fingerprint, tokenizer_fingerprint, write_shards
+from .shards import provenance, write_shards
 from .vllm_backend import sample_with_vllm
 
 
@@ -59,24 +55,14 @@ def generate_replay(
     start_id = resolve_start_token(tokenizer, sampling.start_token)  # fail before any work
     max_sequences, max_tokens = budget.resolve(task_size)
     manifest = {
-        "format": "cfs_lightning.replay/1",
-        "package_version": cfs_lightning.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": model.name_or_path,
-        "model_type": model.config.model_type,
-        "model_num_parameters": model.num_parameters(),
-        "model_dtype": str(model.dtype),
-        "model_fingerprint": model_fingerprint(model),
-        "tokenizer": tokenizer.name_or_path,
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        **provenance(tokenizer, model),
+        "source": "context_free",
         "start_token_id": start_id,
-        "eos_token_id": tokenizer.eos_token_id,
         "sampling": sampling.to_dict(),
         "store_topk": store_topk,
         "backend": backend,
         "budget": {"requested": vars(budget), "task_size": task_size,
                    "max_sequences": max_sequences, "max_tokens": max_tokens},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
     was_training = model.training
     model.eval()

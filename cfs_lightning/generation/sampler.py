@@ -219,23 +219,42 @@ def sample_context_free(
 
 def _sample_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: SamplingConfig,
                   n: int, batch_index: int, store_topk: int) -> list[dict]:
-    """Batch `batch_index` of the stream: n records sampled under the seed (cfg.seed, batch_index)."""
-    device = next(model.parameters()).device
+    """Batch `batch_index` of the context-free stream: n records seeded by (cfg.seed, batch_index)."""
     start_id = resolve_start_token(tokenizer, cfg.start_token)
+    records = sample_continuations(model, tokenizer, cfg, [[start_id]] * n, batch_index, store_topk)
+    for rec in records:
+        del rec["n_prompt"]
+    return records
+
+
+@torch.no_grad()
+def sample_continuations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: SamplingConfig,
+                         prompts: list[list[int]], batch_index: int, store_topk: int = 0) -> list[dict]:
+    """One batched `generate` over `prompts` (left-padded), seeded by (cfg.seed, batch_index).
+
+    Each record's `input_ids` is its prompt followed by the continuation, cut after its first EOS
+    (with `cfg.stop_at_eos`); `n_prompt` is the prompt's length. The caller's RNG is untouched.
+    """
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     recorder = TopKRecorder(store_topk) if store_topk else None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed * 1_000_003 + batch_index)
-        start = torch.full((n, 1), start_id, dtype=torch.long, device=device)
         out = model.generate(
-            input_ids=start, attention_mask=torch.ones_like(start),
-            generation_config=_generation_config(cfg, tokenizer),
+            input_ids=ids, attention_mask=mask, generation_config=_generation_config(cfg, tokenizer),
             logits_processor=LogitsProcessorList([recorder] if recorder else []),
         )
-    records = [{"input_ids": _trim(r, tokenizer.eos_token_id, cfg.stop_at_eos)} for r in out.tolist()]
+    records = []
+    for prompt, row in zip(prompts, out[:, width:].tolist(), strict=True):
+        cont = _trim([None, *row], tokenizer.eos_token_id, cfg.stop_at_eos)[1:]
+        records.append({"input_ids": prompt + cont, "n_prompt": len(prompt)})
     if recorder is not None:
-        for rec, ids, logprobs in zip(records, *recorder.per_row(), strict=True):
-            n_gen = len(rec["input_ids"]) - 1
-            rec["topk_ids"], rec["topk_logprobs"] = ids[:n_gen], logprobs[:n_gen]
+        for rec, ids_k, logprobs in zip(records, *recorder.per_row(), strict=True):
+            n_gen = len(rec["input_ids"]) - rec["n_prompt"]
+            rec["topk_ids"], rec["topk_logprobs"] = ids_k[:n_gen], logprobs[:n_gen]
     return records
 
 

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import datetime, timezone
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import transformers
 from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
 from datasets.arrow_writer import ArrowWriter
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .. import __version__
 from ..io import atomic_dir
 
 MANIFEST = "manifest.json"
@@ -47,6 +50,28 @@ def model_fingerprint(model: PreTrainedModel) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def provenance(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> dict:
+    """The manifest fields every replay source records: format, versions, model and tokenizer.
+
+    Without a model (replay of real text) the model fields are None, and `check_manifest` then
+    compares the tokenizer only.
+    """
+    return {
+        "format": "cfs_lightning.replay/1",
+        "package_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": model.name_or_path if model is not None else None,
+        "model_type": model.config.model_type if model is not None else None,
+        "model_num_parameters": model.num_parameters() if model is not None else None,
+        "model_dtype": str(model.dtype) if model is not None else None,
+        "model_fingerprint": model_fingerprint(model) if model is not None else None,
+        "tokenizer": tokenizer.name_or_path,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -167,14 +192,15 @@ def check_manifest(
     model: PreTrainedModel | None = None,
     where: str = "replay shards",
 ) -> None:
-    """Refuse replay written by another tokenizer (always) or another base model (when given)."""
+    """Refuse replay written by another tokenizer (always) or sampled from another base model
+    (when given; replay of real text records no model)."""
     if manifest["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
         raise ReplayMismatchError(
             f"{where} were tokenized by {manifest['tokenizer']!r}, which differs from the "
             f"tokenizer in use ({tokenizer.name_or_path!r}); regenerate them with `cfs generate` "
             "for this model"
         )
-    if model is not None and manifest["model_fingerprint"] != model_fingerprint(model):
+    if model is not None and manifest["model_fingerprint"] not in (None, model_fingerprint(model)):
         raise ReplayMismatchError(
             f"{where} were sampled from {manifest['model']!r} (weights sha256 "
             f"{manifest['model_fingerprint'][:12]}…), not from the model being fine-tuned "
