@@ -13,11 +13,15 @@ import json
 import time
 from pathlib import Path
 
-from cfs_lightning.cli import generate
+from cfs_lightning.cli import contextual, corpus, generate
 from cfs_lightning.generation import read_manifest
 from cfs_lightning.toy.demo import _fit, _run_jsonargparse
 
-METHODS = ["ft", "cfs-nll", "cfs-kl", "cfs-kl-topk", "l2", "ema", "lora", "lora+cfs"]
+METHODS = ["ft", "cfs-nll", "cfs-kl", "cfs-kl-topk", "l2", "ema", "lora", "lora+cfs", "cs", "real-replay"]
+OWN_REPLAY = {  # method -> (replay folder under --runs, command writing it, its config)
+    "cs": ("cs_replay", contextual, "configs/toy/generate-contextual.yaml"),
+    "real-replay": ("real_replay", corpus, "configs/toy/generate-corpus.yaml"),
+}
 RETAINED, DOWNSTREAM = "eval/shakespeare_heldout/bits_per_byte", "eval/gsm8k_answers/bits_per_byte"
 
 
@@ -32,18 +36,26 @@ def main() -> None:
     if not (replay / "manifest.json").is_file() or not read_manifest(replay).get("store_topk"):
         _run_jsonargparse(generate, "configs/toy/generate.yaml",
                           {"model": str(runs / "base"), "output_dir": str(replay), "overwrite": True})
-    rows = {}
+    results = runs / "methods" / "results.json"
+    rows = json.loads(results.read_text()) if results.is_file() else {}  # earlier methods are kept
     for method in args.methods:
         start = time.perf_counter()
         out = runs / "methods" / method
+        method_replay = replay
+        if method in OWN_REPLAY:
+            folder, command, config = OWN_REPLAY[method]
+            method_replay = runs / folder
+            if not (method_replay / "manifest.json").is_file():
+                key = "tokenizer" if command is corpus else "model"
+                _run_jsonargparse(command, config, {key: str(runs / "base"), "output_dir": str(method_replay)})
         evals = _fit(["configs/toy/finetune.yaml", f"configs/toy/{method}.yaml"], [
-            f"--model.init_args.pretrained={runs / 'base'}", f"--data.init_args.replay.dir={replay}",
+            f"--model.init_args.pretrained={runs / 'base'}", f"--data.init_args.replay.dir={method_replay}",
             f"--trainer.max_steps={args.max_steps}", f"--trainer.logger.init_args.save_dir={out}",
             f"--export.dirpath={out / 'hf_model'}"])
         rows["base"] = {"retained": evals.history[0][RETAINED], "downstream": evals.history[0][DOWNSTREAM]}
         rows[method] = {"retained": evals.history[-1][RETAINED], "downstream": evals.history[-1][DOWNSTREAM],
                         "minutes": (time.perf_counter() - start) / 60}
-        (runs / "methods" / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+        results.write_text(json.dumps(rows, indent=2) + "\n")
     lines = ["| method | retained bpb (lower better) | downstream bpb (lower better) | fit minutes |",
              "|---|---|---|---|"]
     for name, r in rows.items():

@@ -12,13 +12,15 @@ from cfs_lightning.generation import read_manifest
 from .conftest import REPO, write_jsonl
 
 FIT_CONFIGS = ["configs/toy/pretrain.yaml", "configs/toy/finetune.yaml"]
-METHODS = ["ft", "cfs-nll", "cfs-kl", "cfs-kl-topk", "l2", "ema", "lora", "lora+cfs"]
+METHODS = ["ft", "cfs-nll", "cfs-kl", "cfs-kl-topk", "l2", "ema", "lora", "lora+cfs", "cs", "real-replay"]
 OVERLAYS = {f"configs/toy/{m}.yaml": "configs/toy/finetune.yaml" for m in METHODS}
 STRATEGY_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/strategies").glob("*.yaml"))
 PAPER_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/paper").glob("*.yaml"))
 OVERLAYS.update({s: "configs/toy/finetune.yaml" for s in STRATEGY_CONFIGS})  # added to a run's config
 FUNCTION_CONFIGS = {"configs/toy/init.yaml": "init", "configs/toy/generate.yaml": "generate",
-                    "configs/toy/demo.yaml": "demo", "configs/toy/interpolate.yaml": "interpolate"}
+                    "configs/toy/demo.yaml": "demo", "configs/toy/interpolate.yaml": "interpolate",
+                    "configs/toy/generate-contextual.yaml": "contextual",
+                    "configs/toy/generate-corpus.yaml": "corpus"}
 TASK_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/tasks").glob("*.yaml"))
 
 
@@ -85,7 +87,7 @@ def test_pretrain_config_fast_dev_run(tmp_path, monkeypatch, tiny_model_dir):
 
 EXPECTED_TERMS = {"ft": set(), "cfs-nll": {"nll_replay"}, "cfs-kl": {"kl_to_reference"},
                   "cfs-kl-topk": {"kl_from_cached_top_k"}, "l2": {"l2_to_init"}, "ema": set(),
-                  "lora": set(), "lora+cfs": {"nll_replay"}}
+                  "lora": set(), "lora+cfs": {"nll_replay"}, "cs": {"nll_replay"}, "real-replay": {"nll_replay"}}
 
 
 @pytest.mark.parametrize("method", [None] + METHODS)
