@@ -103,6 +103,19 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> CFSCLI:
     )
 
 
+def _load_base(model: str, tokenizer: str | None, dtype: str | None, trust_remote_code: bool):
+    """The base model (float32 unless `dtype`) and its tokenizer (`tokenizer`, default `model`)."""
+    tok = AutoTokenizer.from_pretrained(tokenizer or model, trust_remote_code=trust_remote_code)
+    lm = AutoModelForCausalLM.from_pretrained(
+        model, dtype=getattr(torch, dtype) if dtype else torch.float32, trust_remote_code=trust_remote_code)
+    return lm, tok
+
+
+def _task_size(task: TaskSource | None, budget: Budget) -> int | None:
+    """Training examples of `task`, counted only when the budget is a fraction of them."""
+    return len(task.load(task.split)) if task is not None and budget.fraction else None
+
+
 def generate(
     model: str,
     output_dir: str,
@@ -142,12 +155,8 @@ def generate(
             model is then also loaded on CPU for the manifest's fingerprint).
         trust_remote_code: Allow model code shipped with the checkpoint to run.
     """
-    task_size = len(task.load(task.split)) if task is not None and budget.fraction else None
-    tok = AutoTokenizer.from_pretrained(tokenizer or model, trust_remote_code=trust_remote_code)
-    lm = AutoModelForCausalLM.from_pretrained(
-        model, dtype=getattr(torch, dtype) if dtype else torch.float32,
-        trust_remote_code=trust_remote_code,
-    )
+    task_size = _task_size(task, budget)
+    lm, tok = _load_base(model, tokenizer, dtype, trust_remote_code)
     with torchrun_process_group() as distributed:
         if device == "auto":
             cuda = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if distributed else "cuda"
@@ -185,9 +194,8 @@ def corpus(
         shard_size: Sequences per Arrow shard.
         overwrite: Replace an existing replay directory (only once the new one is complete).
     """
-    task_size = len(task.load(task.split)) if task is not None and budget.fraction else None
     manifest = corpus_replay(corpus, AutoTokenizer.from_pretrained(tokenizer), output_dir, budget,
-                             max_length, start_token, task_size, shard_size, overwrite)
+                             max_length, start_token, _task_size(task, budget), shard_size, overwrite)
     print(f"wrote {manifest['num_sequences']} sequences, {manifest['num_generated_tokens']} tokens "
           f"of {corpus.path} to {Path(output_dir)}")
     return manifest
@@ -221,9 +229,7 @@ def contextual(
         overwrite: Replace an existing replay directory (only once the new one is complete).
         trust_remote_code: Allow model code shipped with the checkpoint to run.
     """
-    tok = AutoTokenizer.from_pretrained(tokenizer or model, trust_remote_code=trust_remote_code)
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype) if dtype else torch.float32,
-                                              trust_remote_code=trust_remote_code)
+    lm, tok = _load_base(model, tokenizer, dtype, trust_remote_code)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     manifest = contextual_replay(lm.to(device), tok, task, output_dir, sampling, budget, shard_size, overwrite)
