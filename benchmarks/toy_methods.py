@@ -13,14 +13,21 @@ import json
 import time
 from pathlib import Path
 
-from cfs_lightning.cli import contextual, corpus, generate
+from cfs_lightning.commands import (contextual, corpus, dialogue, generate, rephrase, self_output,
+                                    token_mask_command)
 from cfs_lightning.generation import read_manifest
 from cfs_lightning.toy.demo import _fit, _run_jsonargparse
 
-METHODS = ["ft", "cfs-nll", "cfs-kl", "cfs-kl-topk", "l2", "ema", "lora", "lora+cfs", "cs", "real-replay"]
-OWN_REPLAY = {  # method -> (replay folder under --runs, command writing it, its config)
-    "cs": ("cs_replay", contextual, "configs/toy/generate-contextual.yaml"),
-    "real-replay": ("real_replay", corpus, "configs/toy/generate-corpus.yaml"),
+METHODS = ["ft", "cfs-nll", "cfs-kl", "cfs-kl-topk", "l2", "ema", "lora", "lora+cfs", "cs", "real-replay",
+           "self-dialogue", "online", "self-output", "rephrase", "stm"]
+REPLAY, TASK = "--data.init_args.replay.dir", "--data.init_args.task.shards"
+OWN_DATA = {  # method -> (folder under --runs, command writing it, its config, where the fit reads it)
+    "cs": ("cs_replay", contextual, "configs/toy/generate-contextual.yaml", REPLAY),
+    "real-replay": ("real_replay", corpus, "configs/toy/generate-corpus.yaml", REPLAY),
+    "self-dialogue": ("dialogue_replay", dialogue, "configs/toy/generate-dialogue.yaml", REPLAY),
+    "self-output": ("self_output_task", self_output, "configs/toy/generate-self-output.yaml", TASK),
+    "rephrase": ("rephrase_task", rephrase, "configs/toy/generate-rephrase.yaml", TASK),
+    "stm": ("stm_task", token_mask_command, "configs/toy/generate-token-mask.yaml", TASK),
 }
 RETAINED, DOWNSTREAM = "eval/shakespeare_heldout/bits_per_byte", "eval/gsm8k_answers/bits_per_byte"
 
@@ -41,15 +48,16 @@ def main() -> None:
     for method in args.methods:
         start = time.perf_counter()
         out = runs / "methods" / method
-        method_replay = replay
-        if method in OWN_REPLAY:
-            folder, command, config = OWN_REPLAY[method]
-            method_replay = runs / folder
-            if not (method_replay / "manifest.json").is_file():
-                key = "tokenizer" if command is corpus else "model"
-                _run_jsonargparse(command, config, {key: str(runs / "base"), "output_dir": str(method_replay)})
+        data = [f"{REPLAY}={replay}"]
+        if method in OWN_DATA:
+            folder, command, config, key = OWN_DATA[method]
+            own = runs / folder
+            if not (own / "manifest.json").is_file():
+                arg = "tokenizer" if command is corpus else "model"
+                _run_jsonargparse(command, config, {arg: str(runs / "base"), "output_dir": str(own)})
+            data = [f"{key}={own}"] + (data if key == TASK else [])
         evals = _fit(["configs/toy/finetune.yaml", f"configs/toy/{method}.yaml"], [
-            f"--model.init_args.pretrained={runs / 'base'}", f"--data.init_args.replay.dir={method_replay}",
+            f"--model.init_args.pretrained={runs / 'base'}", *data,
             f"--trainer.max_steps={args.max_steps}", f"--trainer.logger.init_args.save_dir={out}",
             f"--export.dirpath={out / 'hf_model'}"])
         rows["base"] = {"retained": evals.history[0][RETAINED], "downstream": evals.history[0][DOWNSTREAM]}

@@ -88,3 +88,50 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 @pytest.fixture(autouse=True)
 def _fixed_threads():
     torch.set_num_threads(2)
+
+
+def make_eos_prone(model, eos_id: int, bias: float = 5.0):
+    """Give the output head a bias towards EOS (in place), so that sampled responses end within a
+    few tokens, as a trained model's do; with bias 5 about one step in five samples EOS."""
+    head = model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[eos_id] = bias
+    model.set_output_embeddings(biased)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_task_shards(tmp_path_factory, tiny_model_dir, tiny_task_files) -> Path:
+    """The tiny task's training split with high-perplexity tokens masked (task shards)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cfs_lightning.data import TaskSource
+    from cfs_lightning.generation.token_mask import token_mask
+
+    out = tmp_path_factory.mktemp("task_shards") / "stm"
+    task = TaskSource(path="json", data_files=tiny_task_files, prompt="Question: {question}\nAnswer:",
+                      response=" {answer}", max_length=512)
+    token_mask(AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir),
+               task, out, tau=500.0)
+    return out
+
+
+CHAT_TEMPLATE = REPO / "configs" / "toy" / "chat_template.jinja"
+
+
+@pytest.fixture(scope="session")
+def tiny_dialogue_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """24 self-dialogues of the tiny model (replay shards with labels)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cfs_lightning.generation import SamplingConfig
+    from cfs_lightning.generation.dialogue import self_dialogue
+
+    out = tmp_path_factory.mktemp("dialogue") / "d"
+    self_dialogue(AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir),
+                  ["the sea", "a king"], out, SamplingConfig(max_new_tokens=12, batch_size=8), 24,
+                  chat_template=str(CHAT_TEMPLATE))
+    return out

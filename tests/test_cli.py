@@ -12,7 +12,8 @@ from cfs_lightning.generation import read_manifest
 from .conftest import REPO, write_jsonl
 
 FIT_CONFIGS = ["configs/toy/pretrain.yaml", "configs/toy/finetune.yaml"]
-METHODS = ["ft", "cfs-nll", "cfs-kl", "cfs-kl-topk", "l2", "ema", "lora", "lora+cfs", "cs", "real-replay"]
+METHODS = ["ft", "cfs-nll", "cfs-kl", "cfs-kl-topk", "l2", "ema", "lora", "lora+cfs", "cs", "real-replay",
+           "self-dialogue", "online", "self-output", "rephrase", "stm"]
 OVERLAYS = {f"configs/toy/{m}.yaml": "configs/toy/finetune.yaml" for m in METHODS}
 STRATEGY_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/strategies").glob("*.yaml"))
 PAPER_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/paper").glob("*.yaml"))
@@ -20,7 +21,12 @@ OVERLAYS.update({s: "configs/toy/finetune.yaml" for s in STRATEGY_CONFIGS})  # a
 FUNCTION_CONFIGS = {"configs/toy/init.yaml": "init", "configs/toy/generate.yaml": "generate",
                     "configs/toy/demo.yaml": "demo", "configs/toy/interpolate.yaml": "interpolate",
                     "configs/toy/generate-contextual.yaml": "contextual",
-                    "configs/toy/generate-corpus.yaml": "corpus"}
+                    "configs/toy/generate-corpus.yaml": "corpus",
+                    "configs/toy/generate-self-output.yaml": "self-output",
+                    "configs/toy/generate-rephrase.yaml": "rephrase",
+                    "configs/toy/generate-token-mask.yaml": "token-mask",
+                    "configs/toy/generate-dialogue.yaml": "dialogue",
+                    "configs/toy/continual.yaml": "continual"}
 TASK_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/tasks").glob("*.yaml"))
 
 
@@ -87,22 +93,29 @@ def test_pretrain_config_fast_dev_run(tmp_path, monkeypatch, tiny_model_dir):
 
 EXPECTED_TERMS = {"ft": set(), "cfs-nll": {"nll_replay"}, "cfs-kl": {"kl_to_reference"},
                   "cfs-kl-topk": {"kl_from_cached_top_k"}, "l2": {"l2_to_init"}, "ema": set(),
-                  "lora": set(), "lora+cfs": {"nll_replay"}, "cs": {"nll_replay"}, "real-replay": {"nll_replay"}}
+                  "lora": set(), "lora+cfs": {"nll_replay"}, "cs": {"nll_replay"}, "real-replay": {"nll_replay"},
+                  "self-output": set(), "rephrase": set(), "stm": set()}
+ONLINE = {"class_path": "cfs_lightning.callbacks.OnlineReplay",  # online.yaml's callback, at test size
+          "init_args": {"every_n_steps": 1, "num_sequences": 4, "batch_size": 2, "sampling": {"max_new_tokens": 8}}}
 
 
 @pytest.mark.parametrize("method", [None] + METHODS)
-def test_finetune_configs_fast_dev_run(method, tmp_path, monkeypatch, tiny_model_dir, tiny_replay_dir):
+def test_finetune_configs_fast_dev_run(method, tmp_path, monkeypatch, tiny_model_dir, tiny_replay_dir,
+                                      tiny_task_shards, tiny_dialogue_dir):
     overlay = [f"configs/toy/{method}.yaml"] if method else []
     monkeypatch.chdir(REPO)
     evals = tmp_path / "evals.yaml"
     evals.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
         "class_path": "cfs_lightning.callbacks.RetainedEval",
-        "init_args": {"tasks": TASK_CONFIGS, "limit": 4, "batch_size": 4}}]}}))
+        "init_args": {"tasks": TASK_CONFIGS, "limit": 4, "batch_size": 4}}] + ([ONLINE] if method == "online" else [])}}))
     args = ["fit", "--config", "configs/toy/finetune.yaml"]
     for c in overlay + [str(evals)]:
         args += ["--config", c]
+    own_data = {"self-dialogue": [f"--data.init_args.replay.dir={tiny_dialogue_dir}"]}
+    own_data.update({m: [f"--data.init_args.task.shards={tiny_task_shards}"] for m in ("self-output", "rephrase", "stm")})
     cli = run_cli(args + ["--trainer.fast_dev_run=2", f"--model.init_args.pretrained={tiny_model_dir}",
                           f"--data.init_args.replay.dir={tiny_replay_dir}", "--data.init_args.replay.val_size=8",
+                          *own_data.get(method, []),
                           f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
                           f"--export.dirpath={tmp_path / 'hf'}"])
     metrics = cli.trainer.callback_metrics
@@ -189,3 +202,26 @@ def test_paper_configs_fast_dev_run_with_a_tiny_model_of_the_same_class(config, 
         assert {c.__name__ for c in decoder_block_classes(cli.model.model)} == {"LlamaDecoderLayer"}
         with pytest.raises(ValueError, match="builds its auto_wrap_policy"):
             DecoderBlockFSDPStrategy(auto_wrap_policy={object})
+
+
+def test_data_method_commands_run_from_yaml(tmp_path, tiny_model_dir, tiny_task_files, capsys):
+    task = {"path": "json", "data_files": tiny_task_files, "split": "train[:4]", "max_length": 512,
+            "prompt": "Question: {question}\nAnswer:", "response": " {answer}"}
+    common = {"model": str(tiny_model_dir), "device": "cpu"}
+    runs = {
+        "self-output": {"task": task, "num_samples": 2, "sampling": {"max_new_tokens": 6, "batch_size": 8}},
+        "rephrase": {"task": task, "sampling": {"max_new_tokens": 6}},
+        "token-mask": {"task": task, "tau": 600.0, "mode": "random"},
+        "dialogue": {"num_dialogues": 3, "seeds": ["rain"], "chat_template": str(REPO / "configs/toy/chat_template.jinja"),
+                     "sampling": {"max_new_tokens": 6}},
+    }
+    for command, cfg in runs.items():
+        path = tmp_path / f"{command}.yaml"
+        path.write_text(yaml.safe_dump({**common, **cfg, "output_dir": str(tmp_path / command)}))
+        main([command, "--config", str(path)])
+        manifest = read_manifest(tmp_path / command)
+        assert manifest["source"] == {"self-output": "self_output", "token-mask": "token_mask",
+                                      "dialogue": "self_dialogue"}.get(command, command)
+        assert manifest["num_sequences"] == (3 if command == "dialogue" else 4)
+    out = capsys.readouterr().out
+    assert "kept their reference" in out and "response tokens" in out and "wrote 3 dialogues" in out

@@ -1,7 +1,8 @@
-"""Callbacks: retained-task evaluation and the Hugging Face export."""
+"""Callbacks: retained-task evaluation, online replay and the Hugging Face export."""
 
 from .export import HFExport
+from .online_replay import OnlineReplay
 from ..evaluation import evaluate_lm, load_task_yaml, task_specs
 from .retained_eval import RetainedEval
 
-__all__ = ["HFExport", "RetainedEval", "evaluate_lm", "load_task_yaml", "task_specs"]
+__all__ = ["HFExport", "OnlineReplay", "RetainedEval", "evaluate_lm", "load_task_yaml", "task_specs"]

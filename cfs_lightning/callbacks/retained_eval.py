@@ -61,6 +61,8 @@ class RetainedEval(L.Callback):
         self.batch_size, self.limit, self.eval_at_fit_start = batch_size, limit, on_fit_start
         self.max_length, self.add_bos_token, self.every_n_epochs = max_length, add_bos_token, every_n_epochs
         self.baseline: dict[str, float] | None = None
+        self.higher_is_better: dict[str, bool] = {}
+        """Per `<task>/<metric>`, whether higher is better (as lm-eval's task declares it)."""
         self.history: list[dict[str, Any]] = []
         self._task_manager: TaskManager | None = None
         self._resumed = False
@@ -82,6 +84,7 @@ class RetainedEval(L.Callback):
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         values, better = trainer.strategy.broadcast(self.evaluate(pl_module), src=0)
+        self.higher_is_better = better
         if self.baseline is None:
             self.baseline = values
         metrics = {f"eval/{k}": v for k, v in values.items()}

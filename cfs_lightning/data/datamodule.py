@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..generation import check_manifest, generate_replay, load_shards, read_manifest
-from ..generation.shards import MANIFEST
+from ..generation.shards import MANIFEST, TASK_SOURCES
 from .collate import Collator
 from .replay import CyclingSampler, ReplayConfig
 from .task import TaskSource
@@ -117,7 +117,8 @@ class ReplayDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         tok = self._load_tokenizer()
         if stage in (None, "fit"):
-            self.datasets["task_train"] = self.task.tokenize(self.task.load(self.task.split), tok)
+            self.datasets["task_train"] = (self._task_shards(tok) if self.task.shards
+                                           else self.task.tokenize(self.task.load(self.task.split), tok))
         if self.task.val_split is not None and stage in (None, "fit", "validate"):
             self.datasets["task_val"] = self.task.tokenize(self.task.load(self.task.val_split), tok)
         if self.task.test_split is not None and stage in (None, "test"):
@@ -125,11 +126,31 @@ class ReplayDataModule(L.LightningDataModule):
         if self.replay is not None:
             self._setup_replay(tok, check_model=stage in (None, "fit") and self.replay.strict)
 
+    def _task_shards(self, tok: PreTrainedTokenizerBase):
+        """The training split as written by a task-side generator (self-output, token masking)."""
+        manifest = read_manifest(self.task.shards)
+        if manifest.get("source") not in TASK_SOURCES:
+            raise ValueError(
+                f"data.task.shards={self.task.shards} holds {manifest.get('source')!r} replay, not "
+                f"task data (one of {TASK_SOURCES}); give it as data.replay.dir instead"
+            )
+        check_manifest(manifest, tok, self._base_model(), where=f"task shards in {self.task.shards}",
+                       waiver=None)
+        if manifest["source"] == "token_mask":
+            log.info("task shards %s: %.1f%% of response tokens masked (tau=%s, mode=%s)", self.task.shards,
+                     100 * manifest["stats"]["masked_fraction"], manifest["tau"], manifest["mode"])
+        return load_shards(self.task.shards)
+
     def _setup_replay(self, tok: PreTrainedTokenizerBase, check_model: bool) -> None:
         # The model is compared only before fitting, when it still holds the base weights;
         # validate/test evaluate fine-tuned models on purpose.
-        check_manifest(read_manifest(self.replay.dir), tok,
-                       self._base_model() if check_model else None,
+        manifest = read_manifest(self.replay.dir)
+        if manifest.get("source") in TASK_SOURCES:
+            raise ValueError(
+                f"data.replay.dir={self.replay.dir} holds {manifest['source']!r} task data, which "
+                "replaces the task's targets: give it as data.task.shards instead"
+            )
+        check_manifest(manifest, tok, self._base_model() if check_model else None,
                        where=f"replay shards in {self.replay.dir}")
         replay = load_shards(self.replay.dir)
         n_val = min(self.replay.val_size, len(replay))

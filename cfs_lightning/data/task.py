@@ -52,6 +52,10 @@ class TaskSource:
     max_length: int = 512
     """Longer sequences are cut (counted and warned about); a sequence left with no response
     token is dropped."""
+    shards: str | None = None
+    """Training sequences already tokenized with their labels, written by `cfs self-output`,
+    `cfs rephrase` or `cfs token-mask` from this task: they replace `split` in training
+    (validation and test still read `val_split` / `test_split`)."""
     load_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra `load_dataset` arguments, e.g. `{sample_by: paragraph}` for the text builder."""
 
@@ -80,6 +84,14 @@ class TaskSource:
     def prompt_ids(self, record: dict, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         """The token ids of one record's prompt, as training sees it (start token / chat header)."""
         return _Encoder(self, tokenizer)._encode(record)[0]
+
+    def example(self, record: dict, tokenizer: PreTrainedTokenizerBase,
+                response_ids: list[int] | None = None) -> dict:
+        """One record as a training row (`input_ids`, `labels`, `truncated`, `num_targets`), its
+        response replaced by `response_ids` when given (self-generated targets)."""
+        encoder = _Encoder(self, tokenizer)
+        prompt_ids, reference_ids = encoder._encode(record)
+        return encoder.example(prompt_ids, reference_ids if response_ids is None else response_ids)
 
     def tokenize(self, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
         """Tokenize and mask; warn about truncation; drop rows left without a response token."""
@@ -119,17 +131,18 @@ class _Encoder:
         records = [dict(zip(batch, values)) for values in zip(*batch.values())]
         out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "num_targets": []}
         for record in records:
-            prompt_ids, response_ids = self._encode(record)
-            ids = prompt_ids + response_ids
-            labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
-            cut = len(ids) > self.source.max_length
-            ids, labels = ids[: self.source.max_length], labels[: self.source.max_length]
-            out["input_ids"].append(ids)
-            out["labels"].append(labels)
-            out["truncated"].append(cut)
-            # targets are labels[1:]: position 0 is never predicted
-            out["num_targets"].append(sum(x != IGNORE_INDEX for x in labels[1:]))
+            for key, value in self.example(*self._encode(record)).items():
+                out[key].append(value)
         return out
+
+    def example(self, prompt_ids: list[int], response_ids: list[int]) -> dict:
+        """One training row: prompt masked, cut to max_length, with its count of targets."""
+        ids = prompt_ids + response_ids
+        labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+        n = self.source.max_length
+        # targets are labels[1:]: position 0 is never predicted
+        return {"input_ids": ids[:n], "labels": labels[:n], "truncated": len(ids) > n,
+                "num_targets": sum(x != IGNORE_INDEX for x in labels[1:n])}
 
     def _encode(self, record: dict) -> tuple[list[int], list[int]]:
         src, tok = self.source, self.tok

@@ -3,7 +3,8 @@
 A replay directory holds `shard-00000.arrow`, `shard-00001.arrow`, ... (`shard-r<rank>-<n>.arrow`
 when written by several processes), each with an `input_ids` column of int32 token ids per row,
 start token first (with `store_topk`, also `topk_ids` (int32) and `topk_logprobs` (float32), one
-list of k per position but the last), and a manifest recording where the sequences came from. It is written into a temporary sibling directory and renamed into place
+list of k per position but the last; sources that train on part of each sequence add `labels`,
+-100 where no loss is taken), and a manifest recording where the sequences came from. It is written into a temporary sibling directory and renamed into place
 only when complete, so a crash never leaves a half-written replay set and an existing one is never
 overwritten.
 """
@@ -27,9 +28,15 @@ from .. import __version__
 from ..io import atomic_dir
 
 MANIFEST = "manifest.json"
-FEATURES = Features({"input_ids": Sequence(Value("int32"))})
-TOPK_FEATURES = Features({**FEATURES, "topk_ids": Sequence(Sequence(Value("int32"))),
-                          "topk_logprobs": Sequence(Sequence(Value("float32")))})
+COLUMNS = {
+    "input_ids": Sequence(Value("int32")),
+    "labels": Sequence(Value("int32")),  # present when not every token is a target
+    "topk_ids": Sequence(Sequence(Value("int32"))),
+    "topk_logprobs": Sequence(Sequence(Value("float32"))),
+}
+TASK_SOURCES = ("self_output", "rephrase", "token_mask")
+"""Manifest `source`s whose sequences replace the task's training split (`task.shards`); the
+other sources (context_free, contextual, corpus, self_dialogue) are replay."""
 
 
 class ReplayMismatchError(ValueError):
@@ -153,7 +160,7 @@ def _write_arrow(tmp: Path, batches: Iterable[list[dict]], shard_size: int, pref
         for rec in records:
             if writer is None:
                 shards.append(f"{prefix}{len(shards):05d}.arrow")
-                features = TOPK_FEATURES if "topk_ids" in rec else FEATURES
+                features = Features({k: COLUMNS[k] for k in COLUMNS if k in rec})
                 writer = ArrowWriter(features=features, path=str(tmp / shards[-1]))
             writer.write(rec)
             in_shard += 1
@@ -191,6 +198,7 @@ def check_manifest(
     tokenizer: PreTrainedTokenizerBase,
     model: PreTrainedModel | None = None,
     where: str = "replay shards",
+    waiver: str | None = "set replay.strict=false to replay another model's samples on purpose",
 ) -> None:
     """Refuse replay written by another tokenizer (always) or sampled from another base model
     (when given; replay of real text records no model)."""
@@ -204,6 +212,6 @@ def check_manifest(
         raise ReplayMismatchError(
             f"{where} were sampled from {manifest['model']!r} (weights sha256 "
             f"{manifest['model_fingerprint'][:12]}…), not from the model being fine-tuned "
-            f"({model.name_or_path!r}); regenerate them for this model, or set "
-            "replay.strict=false to replay another model's samples on purpose"
+            f"({model.name_or_path!r}); regenerate them for this model"
+            + (f", or {waiver}" if waiver else "")
         )

@@ -13,7 +13,8 @@ from jsonargparse import CLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..callbacks import RetainedEval
-from ..cli import generate, run_cli
+from ..cli import run_cli
+from ..commands import generate
 from .init_model import init_model
 
 

@@ -1,0 +1,121 @@
+"""Online replay (arXiv 2605.26097): context-free replay regenerated from the frozen model during the fit."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from peft import PeftModel
+
+from ..data.collate import IGNORE_INDEX, Collator
+from ..generation.sampler import SamplingConfig, sample_context_free
+from ..regularizers import KLFromCachedTopK
+
+
+class OnlineReplay(L.Callback):
+    """Every `every_n_steps` optimizer steps, samples `num_sequences` fresh context-free sequences
+    from the frozen initial model; each step adds `batch_size` of them to the batch's `replay`
+    stream, cycling through the current pool.
+
+    Where the DataModule gives no replay (`data.replay_ratio: 0`) they are the replay stream
+    (online instead of cached); where it does, they are appended to the cached rows (on top of
+    the cache). Regularizers on `replay` (`NLLReplay`, `KLToReference`) then see them;
+    `KLFromCachedTopK` needs cached top-k, which online rows lack, and is refused.
+
+    The sampler is the frozen reference when the module has one (`copy`, or with LoRA the model
+    with its adapters disabled); otherwise the callback keeps a frozen copy of the initial weights
+    of its own (one more model in memory). Round r (steps r*k .. r*k + k - 1) on rank q of W is
+    seeded by (sampling.seed, r * W + q): a resumed fit draws the same sequences again.
+    Sharded strategies (FSDP, FSDP2) are refused: generation from a sharded model needs every rank
+    in every step and is not supported here; use cached replay (`cfs generate`) there.
+    """
+
+    def __init__(self, every_n_steps: int, num_sequences: int, batch_size: int,
+                 sampling: SamplingConfig = SamplingConfig(max_new_tokens=128, batch_size=32)) -> None:
+        """
+        Args:
+            every_n_steps: Optimizer steps between regenerations (k).
+            num_sequences: Sequences sampled per regeneration (the pool).
+            batch_size: Online replay sequences added to every training step.
+            sampling: How sequences are drawn (temperature 1, no truncation by default).
+        """
+        for name, value in (("every_n_steps", every_n_steps), ("num_sequences", num_sequences),
+                            ("batch_size", batch_size)):
+            if value < 1:
+                raise ValueError(f"OnlineReplay {name} must be >= 1, got {value}")
+        self.every_n_steps, self.num_sequences, self.batch_size = every_n_steps, num_sequences, batch_size
+        self.sampling = sampling
+        self.rounds = 0
+        self._pool: list[dict] = []
+        self._round: int | None = None
+        self._own_copy: torch.nn.Module | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            raise ValueError(
+                "OnlineReplay samples from an unsharded frozen model and does not run under FSDP or "
+                "FSDP2; use DDP, or cached replay written by `cfs generate`"
+            )
+        if any(isinstance(r, KLFromCachedTopK) for r in pl_module.regularizers):
+            raise ValueError("OnlineReplay rows carry no cached top-k, which KLFromCachedTopK needs; "
+                             "use NLLReplay or KLToReference with online replay")
+        if pl_module.reference is None and not isinstance(pl_module.model, PeftModel):
+            # Before any checkpoint is restored over the model: these are the initial weights.
+            self._own_copy = copy.deepcopy(pl_module.hf_model).eval().requires_grad_(False)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._own_copy is not None:
+            self._own_copy.to(pl_module.device)
+
+    @contextlib.contextmanager
+    def _sampler(self, pl_module: L.LightningModule) -> Iterator[torch.nn.Module]:
+        if self._own_copy is not None:
+            yield self._own_copy
+        elif pl_module.reference is not None and pl_module.reference.mode == "copy":
+            yield pl_module.reference.model
+        else:  # LoRA: the same weights with the adapters switched off
+            model = pl_module.model
+            was_training = model.training
+            model.eval()
+            try:
+                with model.disable_adapter():
+                    yield model
+            finally:
+                model.train(was_training)
+
+    def _refill(self, trainer: L.Trainer, pl_module: L.LightningModule, round_index: int) -> None:
+        seed = self.sampling.seed * 1_000_003 + round_index * trainer.world_size + trainer.global_rank
+        cfg = dataclasses.replace(self.sampling, seed=seed)
+        with self._sampler(pl_module) as model:
+            self._pool = [r for batch in sample_context_free(model, pl_module.tokenizer, cfg, self.num_sequences, None)
+                          for r in batch]
+        self._round = round_index
+        self.rounds += 1
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict,
+                             batch_idx: int) -> None:
+        step = trainer.global_step
+        if self._round != step // self.every_n_steps:
+            self._refill(trainer, pl_module, step // self.every_n_steps)
+        first = (step % self.every_n_steps) * self.batch_size
+        rows = [self._pool[(first + j) % len(self._pool)] for j in range(self.batch_size)]
+        tok = pl_module.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        online = {k: v.to(pl_module.device) for k, v in Collator(pad)(rows).items()}
+        batch["replay"] = merge_batches(batch["replay"], online, pad) if "replay" in batch else online
+
+
+def merge_batches(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+    """Two padded batches as one (input_ids, attention_mask, labels; cached top-k columns, which
+    online rows lack, are dropped), right-padded to the wider."""
+    width = max(a["input_ids"].size(1), b["input_ids"].size(1))
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    return {k: torch.cat([torch.nn.functional.pad(x[k], (0, width - x[k].size(1)), value=v) for x in (a, b)])
+            for k, v in fill.items()}

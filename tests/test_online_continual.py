@@ -1,0 +1,128 @@
+"""Online replay (regenerated during the fit) and sequential continual fine-tuning."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import lightning as L
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cfs_lightning.callbacks import OnlineReplay
+from cfs_lightning.callbacks.online_replay import merge_batches
+from cfs_lightning.continual import Stage, continual, summarize
+from cfs_lightning.data import ReplayConfig, ReplayDataModule, ReplayGeneration, TaskSource
+from cfs_lightning.generation import Budget, SamplingConfig, read_manifest, sample_context_free
+from cfs_lightning.module import CausalLMFineTuner
+from cfs_lightning.regularizers import KLFromCachedTopK, NLLReplay
+
+from .conftest import REPO
+
+
+class Capture(L.Callback):
+    """Keeps the replay stream of every training batch (it runs after OnlineReplay)."""
+
+    def __init__(self) -> None:
+        self.replay: list[dict] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.replay.append({k: v.clone() for k, v in batch["replay"].items()})
+
+
+def _fit(tiny_model_dir, tiny_task_files, callbacks, replay_ratio=0.0, replay=None, steps=5):
+    task = TaskSource(path="json", data_files=tiny_task_files, prompt="Question: {question}\nAnswer:",
+                      response=" {answer}", max_length=128)
+    dm = ReplayDataModule(task, tokenizer=str(tiny_model_dir), batch_size=2, replay_ratio=replay_ratio, replay=replay)
+    module = CausalLMFineTuner(str(tiny_model_dir), regularizers=[NLLReplay()])
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                        limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    return trainer
+
+
+def test_online_replay_regenerates_from_the_frozen_initial_model(tiny_model_dir, tiny_task_files):
+    cfg = SamplingConfig(max_new_tokens=8, batch_size=3, seed=7)
+    online, capture = OnlineReplay(every_n_steps=2, num_sequences=3, batch_size=2, sampling=cfg), Capture()
+    trainer = _fit(tiny_model_dir, tiny_task_files, [online, capture])
+    assert online.rounds == 3 and len(capture.replay) == 5  # steps 0-1, 2-3, 4
+    base, tok = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+    for step, batch in enumerate(capture.replay):
+        r = step // 2
+        pool = [x["input_ids"] for b in sample_context_free(base, tok, dataclasses.replace(cfg, seed=7 * 1_000_003 + r), 3, None)
+                for x in b]
+        expected = [pool[((step % 2) * 2 + j) % 3] for j in range(2)]
+        got = [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
+        assert got == expected  # sampled from the initial weights, not the weights being trained
+    assert trainer.callback_metrics["train/reg/nll_replay"].isfinite()
+
+
+def test_online_replay_joins_cached_replay(tiny_model_dir, tiny_task_files, tiny_replay_dir):
+    online = OnlineReplay(every_n_steps=10, num_sequences=4, batch_size=3, sampling=SamplingConfig(max_new_tokens=6))
+    capture = Capture()
+    _fit(tiny_model_dir, tiny_task_files, [online, capture], replay_ratio=1.0,
+         replay=ReplayConfig(dir=str(tiny_replay_dir), val_size=0), steps=2)
+    assert [b["input_ids"].size(0) for b in capture.replay] == [2 + 3, 2 + 3]  # cached + online rows
+    cached = {"input_ids": torch.ones(1, 2, dtype=torch.long), "attention_mask": torch.ones(1, 2, dtype=torch.long),
+              "labels": torch.ones(1, 2, dtype=torch.long), "topk_ids": torch.zeros(1, 2, 4)}
+    fresh = {k: torch.full((2, 3), 5) for k in ("input_ids", "attention_mask", "labels")}
+    merged = merge_batches(cached, fresh, pad_id=0)
+    assert merged.keys() == fresh.keys() and merged["labels"][0].tolist() == [1, 1, -100]
+    assert merged["input_ids"][0].tolist() == [1, 1, 0] and merged["attention_mask"][0].tolist() == [1, 1, 0]
+    module = CausalLMFineTuner(str(tiny_model_dir), regularizers=[KLFromCachedTopK()])
+    with pytest.raises(ValueError, match="KLFromCachedTopK needs"):
+        online.setup(L.Trainer(accelerator="cpu", logger=False), module, "fit")
+    with pytest.raises(ValueError, match="every_n_steps must be >= 1"):
+        OnlineReplay(every_n_steps=0, num_sequences=1, batch_size=1)
+
+
+def test_summary_reports_average_and_backward_transfer():
+    stages = [Stage("a", TaskSource(), "ta"), Stage("b", TaskSource(), "tb"), Stage("c", TaskSource(), "tc")]
+    better = {"ta/bits_per_byte": False, "tb/bits_per_byte": False, "tc/bits_per_byte": False}
+    rows = [[2.0, 5.0, 6.0], [3.0, 1.5, 6.0], [3.5, 2.5, 1.0]]
+    results = [{"before": None, "higher_is_better": better,
+                "after": {f"eval/t{n}/bits_per_byte": v for n, v in zip("abc", row)}} for row in rows]
+    report = summarize(stages, results)
+    assert report["matrix"] == rows
+    assert report["average"] == pytest.approx((3.5 + 2.5 + 1.0) / 3)
+    assert report["bwt"] == pytest.approx(-((3.5 - 2.0) + (2.5 - 1.5)) / 2)  # lower is better: a rise is forgetting
+    for r in results:
+        r["higher_is_better"] = dict.fromkeys(better, True)
+    assert summarize(stages, results)["bwt"] == pytest.approx(((3.5 - 2.0) + (2.5 - 1.5)) / 2)
+
+
+def test_continual_runs_stages_in_order_with_fresh_and_kept_replay(tmp_path, monkeypatch, tiny_model_dir,
+                                                                   tiny_task_files, tiny_replay_dir):
+    monkeypatch.chdir(REPO)
+
+    def stage(name, prompt, response, eval_task):
+        task = TaskSource(path="json", data_files=tiny_task_files, split="train[:16]", prompt=prompt,
+                          response=response, max_length=128)
+        return Stage(name, task, eval_task)
+
+    stages = [stage("answers", "Question: {question}\nAnswer:", " {answer}", "configs/tasks/gsm8k_answers.yaml"),
+              stage("questions", "Answer: {answer}\nQuestion:", " {question}", "configs/tasks/gsm8k_questions.yaml")]
+    fresh = ReplayGeneration(sampling=SamplingConfig(max_new_tokens=8, batch_size=8, seed=1), budget=Budget(sequences=8))
+    kwargs = dict(fit_configs=["configs/toy/finetune.yaml", "configs/toy/cfs-nll.yaml"], stages=stages,
+                  output_dir=str(tmp_path / "c"), retained_tasks=["configs/tasks/shakespeare_heldout.yaml"],
+                  fresh_replay=fresh, keep_replay=True, eval_batch_size=4, eval_limit=4,
+                  fit_args=["--trainer.max_steps=2", f"--model.init_args.pretrained={tiny_model_dir}",
+                            f"--data.init_args.replay.dir={tiny_replay_dir}", "--data.init_args.replay.val_size=4",
+                            "--data.init_args.batch_size=4"])
+    report = continual(**kwargs)
+    first, second = tmp_path / "c" / "01-answers", tmp_path / "c" / "02-questions"
+    assert read_manifest(second / "replay_fresh")["model"] == str(first / "hf_model")  # sampled from stage 1's end
+    merged = read_manifest(second / "replay")
+    assert merged["parts"] == [str(tiny_replay_dir), str(second / "replay_fresh")]
+    assert merged["num_sequences"] == read_manifest(tiny_replay_dir)["num_sequences"] + 8
+    saved = json.loads((second / "result.json").read_text())
+    assert saved["replay"] == str(second / "replay")
+    hparams = (second / "logs" / "hparams.yaml").read_text()
+    assert str(first / "hf_model") in hparams  # stage 2 starts where stage 1 ended
+    assert report["tasks"] == ["gsm8k_answers/bits_per_byte", "gsm8k_questions/bits_per_byte"]
+    m = report["matrix"]
+    assert len(m) == 2 and report["bwt"] == pytest.approx(-(m[1][0] - m[0][0]))
+    assert "shakespeare_heldout/bits_per_byte" in report["table"] and "| base |" in report["table"]
+    assert continual(**kwargs)["matrix"] == m  # finished stages are skipped, not rerun
