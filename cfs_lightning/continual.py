@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .callbacks import RetainedEval
 from .cli import run_cli
 from .data import ReplayGeneration, TaskSource
+from .evaluation import load_task_yaml
 from .generation import generate_replay, load_shards
 from .generation.shards import provenance, write_shards
 
@@ -156,8 +157,6 @@ def _fit_stage(fit_configs, stage: Stage, folder: Path, start: str | None, repla
 def _task_name(eval_task: str) -> str:
     path = Path(eval_task)
     if path.suffix in (".yaml", ".yml"):
-        from .evaluation import load_task_yaml
-
         return load_task_yaml(path)["task"]
     return eval_task
 

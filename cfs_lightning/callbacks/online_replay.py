@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from peft import PeftModel
 
 from ..data.collate import IGNORE_INDEX, Collator
-from ..generation.sampler import SamplingConfig, sample_context_free
+from ..generation.sampler import SamplingConfig, eval_mode, pad_token_id, sample_context_free
 from ..regularizers import KLFromCachedTopK
 
 
@@ -81,14 +81,8 @@ class OnlineReplay(L.Callback):
         elif pl_module.reference is not None and pl_module.reference.mode == "copy":
             yield pl_module.reference.model
         else:  # LoRA: the same weights with the adapters switched off
-            model = pl_module.model
-            was_training = model.training
-            model.eval()
-            try:
-                with model.disable_adapter():
-                    yield model
-            finally:
-                model.train(was_training)
+            with eval_mode(pl_module.model) as model, model.disable_adapter():
+                yield model
 
     def _refill(self, trainer: L.Trainer, pl_module: L.LightningModule, round_index: int) -> None:
         seed = self.sampling.seed * 1_000_003 + round_index * trainer.world_size + trainer.global_rank
@@ -106,8 +100,7 @@ class OnlineReplay(L.Callback):
             self._refill(trainer, pl_module, step // self.every_n_steps)
         first = (step % self.every_n_steps) * self.batch_size
         rows = [self._pool[(first + j) % len(self._pool)] for j in range(self.batch_size)]
-        tok = pl_module.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad = pad_token_id(pl_module.tokenizer)
         online = {k: v.to(pl_module.device) for k, v in Collator(pad)(rows).items()}
         batch["replay"] = merge_batches(batch["replay"], online, pad) if "replay" in batch else online
 

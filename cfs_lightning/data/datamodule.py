@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..generation import check_manifest, generate_replay, load_shards, read_manifest
+from ..generation.sampler import pad_token_id
 from ..generation.shards import MANIFEST, TASK_SOURCES
 from .collate import Collator
 from .replay import CyclingSampler, ReplayConfig
@@ -167,7 +168,7 @@ class ReplayDataModule(L.LightningDataModule):
 
     def _pad_id(self) -> int:
         tok = self._load_tokenizer()
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return pad_token_id(tok)
 
     def _loader(self, name: str, batch_size: int, stream: str | None = None, **kwargs) -> DataLoader:
         return DataLoader(

@@ -65,6 +65,11 @@ class TaskSource:
         if self.chat_template and self.prompt is None:
             raise TaskDataError("task.chat_template needs a prompt template (task.prompt)")
 
+    def describe(self) -> dict[str, Any]:
+        """What a manifest records of the task a set of shards was made from."""
+        return {"path": self.path, "data_files": self.data_files, "split": self.split, "prompt": self.prompt,
+                "response": self.response, "chat_template": self.chat_template, "max_length": self.max_length}
+
     def load(self, split: str) -> datasets.Dataset:
         """The raw records of one split."""
         ds = datasets.load_dataset(

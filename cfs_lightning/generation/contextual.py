@@ -19,7 +19,7 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data.task import TaskSource
-from .sampler import Budget, GenerationError, SamplingConfig, sample_continuations
+from .sampler import Budget, GenerationError, SamplingConfig, eval_mode, sample_continuations
 from .shards import provenance, write_shards
 
 
@@ -55,20 +55,15 @@ def contextual_replay(
     manifest = {
         **provenance(tokenizer, model),
         "source": "contextual",
-        "task": {"path": task.path, "data_files": task.data_files, "split": task.split,
-                 "prompt": task.prompt, "chat_template": task.chat_template, "max_length": task.max_length},
+        "task": task.describe(),
         "sampling": sampling.to_dict(),
         "budget": {"requested": vars(budget), "task_size": len(records),
                    "max_sequences": max_sequences, "max_tokens": max_tokens},
         "contextual_stats": stats,
     }
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         stream = _sample(model, tokenizer, sampling, usable, task.max_length, max_sequences, max_tokens, stats)
         return write_shards(output_dir, stream, manifest, shard_size, overwrite)
-    finally:
-        model.train(was_training)
 
 
 def _sample(model, tokenizer, cfg: SamplingConfig, prompts: list[list[int]], max_length: int,

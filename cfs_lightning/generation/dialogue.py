@@ -23,7 +23,7 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data.collate import IGNORE_INDEX
-from .sampler import GenerationError, SamplingConfig, sample_continuations
+from .sampler import GenerationError, SamplingConfig, eval_mode, sample_continuations
 from .shards import provenance, write_shards
 
 USER_TEMPLATE = (
@@ -84,12 +84,8 @@ def self_dialogue(
             raise GenerationError(f"every dialogue was dropped ({stats}); check the chat template, "
                                   "raise max_length or sampling.max_new_tokens")
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return write_shards(output_dir, batches(), manifest, shard_size, overwrite)
-    finally:
-        model.train(was_training)
 
 
 def use_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str | None) -> None:

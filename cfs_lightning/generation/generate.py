@@ -14,7 +14,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .sampler import Budget, GenerationError, SamplingConfig, resolve_start_token, sample_context_free
+from .sampler import (Budget, GenerationError, SamplingConfig, eval_mode, resolve_start_token,
+                      sample_context_free)
 from .shards import provenance, write_shards
 from .vllm_backend import sample_with_vllm
 
@@ -64,9 +65,7 @@ def generate_replay(
         "budget": {"requested": vars(budget), "task_size": task_size,
                    "max_sequences": max_sequences, "max_tokens": max_tokens},
     }
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if backend == "vllm":
             stream = sample_with_vllm(model.name_or_path, tokenizer, sampling, max_sequences,
                                       max_tokens, store_topk, dtype=str(model.dtype).removeprefix("torch."))
@@ -80,8 +79,6 @@ def generate_replay(
             shown=not distributed or dist.get_rank() == 0,
         )
         return write_shards(output_dir, batches, manifest, shard_size, overwrite, distributed)
-    finally:
-        model.train(was_training)
 
 
 def _with_progress(batches, total: int, unit: str, shown: bool = True):

@@ -10,6 +10,7 @@ experiments, not for the default recipe.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -101,6 +102,23 @@ class Budget:
         return max(1, math.floor(self.fraction * task_size + 0.5)), None
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`model` in eval mode (dropout off) for the block; its train/eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS (padding carries
+    no label and no attention, so its value never matters)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def resolve_start_token(tokenizer: PreTrainedTokenizerBase, start_token: str | None) -> int:
     """The token id every context-free sequence starts from."""
     if start_token is None:
@@ -123,7 +141,7 @@ def resolve_start_token(tokenizer: PreTrainedTokenizerBase, start_token: str | N
 def _generation_config(cfg: SamplingConfig, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
     # Every knob is set explicitly: transformers fills unset ones from the checkpoint's
     # generation_config.json (often top_p=0.9) or its own defaults (top_k=50).
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     return GenerationConfig(
         do_sample=True,
         temperature=cfg.temperature,
@@ -237,7 +255,7 @@ def sample_continuations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     """
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     recorder = TopKRecorder(store_topk) if store_topk else None

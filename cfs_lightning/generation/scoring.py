@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from .sampler import eval_mode
+
 
 @torch.no_grad()
 def per_token_nll(model: PreTrainedModel, sequences: list[list[int]], pad_id: int,
@@ -18,10 +20,8 @@ def per_token_nll(model: PreTrainedModel, sequences: list[list[int]], pad_id: in
     Sequences are right-padded into batches of `batch_size`, so no padding sits before a token.
     """
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     scores: list[list[float]] = []
-    try:
+    with eval_mode(model):
         for start in range(0, len(sequences), batch_size):
             rows = sequences[start: start + batch_size]
             width = max(len(r) for r in rows)
@@ -34,8 +34,6 @@ def per_token_nll(model: PreTrainedModel, sequences: list[list[int]], pad_id: in
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
             nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
             scores += [nll[i, : len(row) - 1].tolist() for i, row in enumerate(rows)]
-    finally:
-        model.train(was_training)
     return scores
 
 

@@ -23,7 +23,7 @@ from typing import Literal
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data.task import TaskSource
-from .sampler import GenerationError, SamplingConfig, sample_continuations
+from .sampler import GenerationError, SamplingConfig, eval_mode, pad_token_id, sample_continuations
 from .scoring import per_token_nll, response_perplexity
 from .shards import provenance, write_shards
 from .verifiers import Verifier
@@ -67,9 +67,7 @@ def self_generated_targets(
     stats["records"] = len(records)
     manifest = {
         **provenance(tokenizer, model), "source": method,
-        "task": {"path": task.path, "data_files": task.data_files, "split": task.split,
-                 "prompt": task.prompt, "response": task.response,
-                 "chat_template": task.chat_template, "max_length": task.max_length},
+        "task": task.describe(),
         "sampling": sampling.to_dict(), "num_samples": num_samples,
         "verifier": {"class_path": f"{type(verifier).__module__}.{type(verifier).__qualname__}",
                      "init_args": {k: repr(v) for k, v in vars(verifier).items()}},
@@ -77,9 +75,7 @@ def self_generated_targets(
         "stats": stats,
     }
     rephrase = dataclasses.replace(task, prompt=rephrase_template, response="{response}")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         per_call = max(1, sampling.batch_size // num_samples)
 
         def batches():
@@ -92,8 +88,6 @@ def self_generated_targets(
                                       f"within task.max_length={task.max_length}")
 
         return write_shards(output_dir, batches(), manifest, shard_size, overwrite)
-    finally:
-        model.train(was_training)
 
 
 def _targets(model, tok, task: TaskSource, verifier: Verifier, cfg: SamplingConfig, n: int,
@@ -161,8 +155,7 @@ def _lowest_perplexity(model, tok, prompts: list[list[int]], candidates: dict[in
     flat = [(i, r) for i, rs in candidates.items() for r in rs]
     if not flat:
         return {}
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    nll = per_token_nll(model, [prompts[i] + r for i, r in flat], pad, batch_size)
+    nll = per_token_nll(model, [prompts[i] + r for i, r in flat], pad_token_id(tok), batch_size)
     best: dict[int, tuple[float, list[int]]] = {}
     for (i, response), scores in zip(flat, nll, strict=True):
         ppl = response_perplexity(scores, len(prompts[i]))

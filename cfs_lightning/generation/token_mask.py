@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data.collate import IGNORE_INDEX
 from ..data.task import TaskSource
-from .sampler import GenerationError
+from .sampler import GenerationError, pad_token_id
 from .scoring import per_token_nll
 from .shards import provenance, write_shards
 
@@ -73,17 +73,14 @@ def token_mask(
     stats = {"sequences": len(data), "response_tokens": 0, "masked_tokens": 0, "dropped": 0}
     manifest = {
         **provenance(tokenizer, model), "source": "token_mask",
-        "task": {"path": task.path, "data_files": task.data_files, "split": task.split,
-                 "prompt": task.prompt, "response": task.response,
-                 "chat_template": task.chat_template, "max_length": task.max_length},
+        "task": task.describe(),
         "tau": tau, "mode": mode, "seed": seed, "stats": stats,
     }
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def batches():
         for start in range(0, len(data), batch_size):
             rows = data[start: start + batch_size]
-            scores = per_token_nll(model, rows["input_ids"], pad, batch_size)
+            scores = per_token_nll(model, rows["input_ids"], pad_token_id(tokenizer), batch_size)
             kept = []
             for i, (ids, labels, nll) in enumerate(zip(rows["input_ids"], rows["labels"], scores, strict=True)):
                 ppl = [math.exp(x) for x in nll]
