@@ -65,7 +65,8 @@ def generate(
 
     Args:
         model: Base model: hub name or local directory.
-        output_dir: Replay directory to write; refused if it exists unless `overwrite`.
+        output_dir: Replay directory to write. An interrupted run resumes from
+            `<output_dir>.partial`; a finished one with the same settings is left as it is.
         budget: How much: `sequences`, `tokens`, or `fraction` of the task dataset's size.
         sampling: Sampling settings (temperature 1, no truncation by default).
         task: The task data, needed only by `budget.fraction` (its training split is counted).
@@ -74,7 +75,8 @@ def generate(
         device: `auto` (CUDA when available, the process's own GPU under torchrun), `cpu`,
             `cuda`, `cuda:1`, ...
         shard_size: Sequences per Arrow shard.
-        overwrite: Replace an existing replay directory (only once the new one is complete).
+        overwrite: Replace a directory written with other settings (only once the new one
+            is complete), discarding an interrupted run with other settings.
         store_topk: Also cache the model's top-k next-token log-probabilities at every position
             (k per token; needed by `KLFromCachedTopK`); 0: none.
         backend: `hf` (transformers `generate`) or `vllm` (GPU, the optional `vllm` extra; the
@@ -91,8 +93,8 @@ def generate(
                                    task_size=task_size, shard_size=shard_size, overwrite=overwrite,
                                    store_topk=store_topk, distributed=distributed, backend=backend)
         if not distributed or torch.distributed.get_rank() == 0:
-            print(f"wrote {manifest['num_sequences']} sequences, {manifest['num_generated_tokens']} "
-                  f"generated tokens to {Path(output_dir)}")
+            print(f"{Path(output_dir)}: {manifest['num_sequences']} sequences, {manifest['num_generated_tokens']} "
+                  f"generated tokens")
     return manifest
 
 
@@ -112,18 +114,20 @@ def corpus(
     Args:
         tokenizer: Tokenizer name or directory (the model's to be fine-tuned).
         corpus: The text: a `datasets` source or local files, and its text column.
-        output_dir: Replay directory to write; refused if it exists unless `overwrite`.
+        output_dir: Replay directory to write. An interrupted run resumes from
+            `<output_dir>.partial`; a finished one with the same settings is left as it is.
         budget: How much: `sequences`, `tokens`, or `fraction` of the task dataset's size.
         max_length: Tokens per replay sequence, the start token included.
         start_token: Token each sequence starts with; None: the tokenizer's BOS.
         task: The task data, needed only by `budget.fraction`.
         shard_size: Sequences per Arrow shard.
-        overwrite: Replace an existing replay directory (only once the new one is complete).
+        overwrite: Replace a directory written with other settings (only once the new one
+            is complete), discarding an interrupted run with other settings.
     """
     manifest = corpus_replay(corpus, AutoTokenizer.from_pretrained(tokenizer), output_dir, budget,
                              max_length, start_token, _task_size(task, budget), shard_size, overwrite)
-    print(f"wrote {manifest['num_sequences']} sequences, {manifest['num_generated_tokens']} tokens "
-          f"of {corpus.path} to {Path(output_dir)}")
+    print(f"{Path(output_dir)}: {manifest['num_sequences']} sequences, {manifest['num_generated_tokens']} tokens "
+          f"of {corpus.path}")
     return manifest
 
 
@@ -145,20 +149,22 @@ def contextual(
     Args:
         model: Base model: hub name or local directory.
         task: The task whose training prompts are continued (templated as for training).
-        output_dir: Replay directory to write; refused if it exists unless `overwrite`.
+        output_dir: Replay directory to write. An interrupted run resumes from
+            `<output_dir>.partial`; a finished one with the same settings is left as it is.
         budget: How much: `sequences`, generated `tokens`, or `fraction` of the task's size.
         sampling: Sampling settings (temperature 1, no truncation by default).
         tokenizer: Tokenizer name or directory; default: `model`.
         dtype: Weight dtype; default float32.
         device: `auto` (CUDA when available), `cpu`, `cuda`, ...
         shard_size: Sequences per Arrow shard.
-        overwrite: Replace an existing replay directory (only once the new one is complete).
+        overwrite: Replace a directory written with other settings (only once the new one
+            is complete), discarding an interrupted run with other settings.
         trust_remote_code: Allow model code shipped with the checkpoint to run.
     """
     lm, tok = _load_base(model, tokenizer, dtype, trust_remote_code, device)
     manifest = contextual_replay(lm, tok, task, output_dir, sampling, budget, shard_size, overwrite)
-    print(f"wrote {manifest['num_sequences']} sequences, {manifest['num_generated_tokens']} tokens "
-          f"to {Path(output_dir)}; skipped: {manifest['contextual_stats']}")
+    print(f"{Path(output_dir)}: {manifest['num_sequences']} sequences, {manifest['num_generated_tokens']} tokens; "
+          f"skipped: {manifest['contextual_stats']}")
     return manifest
 
 
@@ -189,7 +195,8 @@ def self_output(
     Args:
         model: Base model: hub name or local directory.
         task: The task whose training split is rewritten.
-        output_dir: Shard directory to write; refused if it exists unless `overwrite`.
+        output_dir: Shard directory to write. An interrupted run resumes from
+            `<output_dir>.partial`; a finished one with the same settings is left as it is.
         verifier: Decides which samples are correct (default: GSM8K `#### <number>` match).
         num_samples: Responses drawn per prompt.
         sampling: Sampling settings; `batch_size` counts prompts x num_samples per call.
@@ -227,7 +234,8 @@ def rephrase(
     Args:
         model: Base model: hub name or local directory.
         task: The task whose training split is rewritten.
-        output_dir: Shard directory to write; refused if it exists unless `overwrite`.
+        output_dir: Shard directory to write. An interrupted run resumes from
+            `<output_dir>.partial`; a finished one with the same settings is left as it is.
         verifier: Filters wrong rewrites (default: GSM8K `#### <number>` match).
         template: Rewrite prompt over `{prompt}` and `{response}`, the task's rendered prompt and
             response (through the chat template when `task.chat_template`).
@@ -251,7 +259,7 @@ def _rewrite(method, model, task, output_dir, verifier, num_samples, sampling, t
     manifest = self_generated_targets(lm, tok, task, verifier, output_dir, sampling, num_samples, method,
                                       template, score_batch_size, shard_size, overwrite)
     stats = manifest["stats"]
-    print(f"wrote {manifest['num_sequences']} task sequences to {Path(output_dir)}: "
+    print(f"{Path(output_dir)}: {manifest['num_sequences']} task sequences: "
           f"{stats['verified']} {method.replace('_', '-')} responses verified, {stats['fallback']} "
           f"kept their reference; {stats}")
     return manifest
@@ -278,7 +286,8 @@ def token_mask_command(
     Args:
         model: Base model: hub name or local directory.
         task: The task to score (its training split).
-        output_dir: Shard directory to write; refused if it exists unless `overwrite`.
+        output_dir: Shard directory to write. An interrupted run resumes from
+            `<output_dir>.partial`; a finished one with the same settings is left as it is.
         tau: Perplexity threshold (exp of the token's NLL, given all tokens before it).
         mode: `high` masks the tokens above tau; `random` (control) as many random response
             tokens per sequence; `low` (control) as many lowest-perplexity ones.
@@ -294,7 +303,7 @@ def token_mask_command(
     lm, tok = _load_base(model, tokenizer, dtype, trust_remote_code, device)
     manifest = token_mask(lm, tok, task, output_dir, tau, mode, seed, batch_size, shard_size, overwrite)
     stats = manifest["stats"]
-    print(f"wrote {manifest['num_sequences']} task sequences to {Path(output_dir)}: masked "
+    print(f"{Path(output_dir)}: {manifest['num_sequences']} task sequences: masked "
           f"{stats['masked_tokens']} of {stats['response_tokens']} response tokens "
           f"({100 * stats['masked_fraction']:.1f}%, mode {mode}, tau {tau}); dropped {stats['dropped']}")
     return manifest
@@ -329,7 +338,8 @@ def dialogue(
 
     Args:
         model: Base model: hub name or local directory.
-        output_dir: Replay directory to write; refused if it exists unless `overwrite`.
+        output_dir: Replay directory to write. An interrupted run resumes from
+            `<output_dir>.partial`; a finished one with the same settings is left as it is.
         num_dialogues: Dialogues to write (seeds are cycled in a seeded shuffle).
         seeds: Seed instructions or topics that open the dialogues.
         seeds_file: A text file of further seeds, one per line.
@@ -345,14 +355,15 @@ def dialogue(
         dtype: Weight dtype; default float32.
         device: `auto` (CUDA when available), `cpu`, `cuda`, ...
         shard_size: Sequences per Arrow shard.
-        overwrite: Replace an existing replay directory (only once the new one is complete).
+        overwrite: Replace a directory written with other settings (only once the new one
+            is complete), discarding an interrupted run with other settings.
         trust_remote_code: Allow model code shipped with the checkpoint to run.
     """
     lm, tok = _load_base(model, tokenizer, dtype, trust_remote_code, device)
     manifest = self_dialogue(lm, tok, read_seeds(seeds, seeds_file), output_dir, sampling, num_dialogues,
                              turns, max_length, seed_template, user_template, chat_template,
                              train_on_user_turns, shard_size, overwrite)
-    print(f"wrote {manifest['num_sequences']} dialogues to {Path(output_dir)}; {manifest['stats']}")
+    print(f"{Path(output_dir)}: {manifest['num_sequences']} dialogues; {manifest['stats']}")
     return manifest
 
 

@@ -34,7 +34,8 @@ from .cli import run_cli
 from .data import ReplayGeneration, TaskSource
 from .evaluation import load_task_yaml
 from .generation import generate_replay, load_shards
-from .generation.shards import provenance, write_shards
+from .generation.shards import provenance
+from .generation.writer import write_shards
 
 
 @dataclass

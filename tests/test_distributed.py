@@ -181,7 +181,7 @@ def test_generation_on_two_processes_splits_the_budget_exactly(budget, tmp_path,
 
     manifest = read_manifest(out)
     assert manifest["world_size"] == 2
-    assert {name.split("-")[1] for name in manifest["shards"]} == {"r000", "r001"}
+    assert {s["file"].split("-")[1] for s in manifest["shards"]} == {"r000", "r001"}
     one = tmp_path / "one"
     key, value = budget[0].removeprefix("--budget.").split("=")
     generate_replay(AutoModelForCausalLM.from_pretrained(tiny_model_dir),

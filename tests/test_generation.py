@@ -139,31 +139,6 @@ def test_replay_directory_shards_and_manifest(tmp_path, tiny_model, tiny_tokeniz
         assert (tmp_path / "r" / name).read_bytes() == (tmp_path / "r2" / name).read_bytes()
 
 
-def test_existing_output_is_never_lost(tmp_path, tiny_model, tiny_tokenizer):
-    cfg = SamplingConfig(max_new_tokens=4, batch_size=4)
-    generate_replay(tiny_model, tiny_tokenizer, tmp_path / "r", cfg, Budget(sequences=3))
-    before = read_manifest(tmp_path / "r")
-    with pytest.raises(FileExistsError, match="overwrite"):
-        generate_replay(tiny_model, tiny_tokenizer, tmp_path / "r", cfg, Budget(sequences=5))
-    assert read_manifest(tmp_path / "r") == before
-
-    def broken(*_):
-        yield [{"input_ids": [1, 2, 3]}]
-        raise RuntimeError("sampler died")
-
-    from cfs_lightning.generation.shards import write_shards
-
-    with pytest.raises(RuntimeError, match="sampler died"):
-        write_shards(tmp_path / "r", broken(), {}, overwrite=True)
-    assert read_manifest(tmp_path / "r") == before  # the old set survives a failed overwrite
-    assert [p.name for p in tmp_path.iterdir()] == ["r"]  # no temporary directory left behind
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not a replay directory"):
-        write_shards(tmp_path / "other", iter([]), {}, overwrite=True)
-    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
-
-
 def test_manifest_mismatch_is_refused(tiny_replay_dir, tiny_model, tiny_tokenizer):
     manifest = read_manifest(tiny_replay_dir)
     check_manifest(manifest, tiny_tokenizer, tiny_model)  # matches: no error

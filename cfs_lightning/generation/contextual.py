@@ -20,7 +20,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data.task import TaskSource
 from .sampler import Budget, GenerationError, SamplingConfig, eval_mode, sample_continuations
-from .shards import provenance, write_shards
+from .shards import provenance
+from .writer import write_shards
 
 
 def contextual_replay(

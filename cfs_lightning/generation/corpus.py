@@ -18,7 +18,8 @@ import datasets
 from transformers import PreTrainedTokenizerBase
 
 from .sampler import Budget, GenerationError, resolve_start_token
-from .shards import provenance, write_shards
+from .shards import provenance
+from .writer import write_shards
 
 
 @dataclass

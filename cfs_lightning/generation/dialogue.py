@@ -24,7 +24,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data.collate import IGNORE_INDEX
 from .sampler import GenerationError, SamplingConfig, eval_mode, sample_continuations
-from .shards import provenance, write_shards
+from .shards import provenance
+from .writer import write_shards
 
 USER_TEMPLATE = (
     "Here is a conversation between a user and an assistant.\n\n{transcript}\n\n"

@@ -16,7 +16,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .sampler import (Budget, GenerationError, SamplingConfig, eval_mode, resolve_start_token,
                       sample_context_free)
-from .shards import provenance, write_shards
+from .shards import provenance
+from .writer import write_shards
 from .vllm_backend import sample_with_vllm
 
 
@@ -65,26 +66,37 @@ def generate_replay(
         "budget": {"requested": vars(budget), "task_size": task_size,
                    "max_sequences": max_sequences, "max_tokens": max_tokens},
     }
-    with eval_mode(model):
+    shown = not distributed or dist.get_rank() == 0
+    total, unit = (max_sequences, "seq") if max_sequences else (max_tokens, "tok")
+
+    def stream(written: list[int]):
+        """The rest of the budget after the `written` records (vLLM: sampled again, then skipped)."""
         if backend == "vllm":
-            stream = sample_with_vllm(model.name_or_path, tokenizer, sampling, max_sequences,
-                                      max_tokens, store_topk, dtype=str(model.dtype).removeprefix("torch."))
+            batches = sample_with_vllm(model.name_or_path, tokenizer, sampling, max_sequences, max_tokens,
+                                       store_topk, dtype=str(model.dtype).removeprefix("torch."))
+            batches = _skip_records(batches, len(written))
         else:
-            stream = sample_context_free(model, tokenizer, sampling, max_sequences, max_tokens,
-                                         store_topk, distributed)
-        batches = _with_progress(
-            stream,
-            total=max_sequences or max_tokens,
-            unit="seq" if max_sequences else "tok",
-            shown=not distributed or dist.get_rank() == 0,
-        )
-        return write_shards(output_dir, batches, manifest, shard_size, overwrite, distributed)
+            batches = sample_context_free(model, tokenizer, sampling, max_sequences, max_tokens,
+                                          store_topk, distributed, written)
+        done = len(written) if unit == "seq" else sum(written)
+        return _with_progress(batches, total, unit, shown, done)
+
+    with eval_mode(model):
+        return write_shards(output_dir, stream, manifest, shard_size, overwrite, distributed)
 
 
-def _with_progress(batches, total: int, unit: str, shown: bool = True):
+def _skip_records(batches, n: int):
+    for records in batches:
+        kept, n = records[n:], max(0, n - len(records))
+        if kept:
+            yield kept
+
+
+def _with_progress(batches, total: int, unit: str, shown: bool = True, done: int = 0):
     """Pass batches through while showing sequences or tokens done and tokens/s (this process's
-    share, in a distributed run)."""
-    bar = tqdm(total=total, unit=unit, desc="context-free sampling", dynamic_ncols=True, disable=not shown)
+    share, in a distributed run); `done`: already on disk when resuming."""
+    bar = tqdm(total=total, initial=done, unit=unit, desc="context-free sampling", dynamic_ncols=True,
+               disable=not shown)
     start, tokens = time.perf_counter(), 0
     try:
         for records in batches:

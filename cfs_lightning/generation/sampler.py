@@ -195,6 +195,7 @@ def sample_context_free(
     max_tokens: int | None,
     store_topk: int = 0,
     distributed: bool = False,
+    written: list[int] | None = None,
 ) -> Iterator[list[dict]]:
     """Yield batches of sampled records until the budget is met.
 
@@ -210,6 +211,10 @@ def sample_context_free(
     of W batches exactly where one process would cut it. All ranks together therefore yield the
     batches a single process would, whatever the world size W; on CPU, where batched sampling is
     deterministic, the very same sequences.
+
+    `written` resumes an interrupted run: the generated-token counts of the records this process
+    already holds. Sampling restarts at the batch holding the first missing record (the round
+    of W batches, for a token budget) and yields only the records after them.
     """
     if (max_sequences is None) == (max_tokens is None):
         raise GenerationError("give exactly one of max_sequences, max_tokens")
@@ -217,18 +222,28 @@ def sample_context_free(
     if not 0 <= store_topk < vocab:
         raise GenerationError(f"store_topk must be in [0, {vocab}) (the vocabulary size), got {store_topk}")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    written, bs = written or [], cfg.batch_size
     if max_sequences is not None:  # every batch size is known in advance
-        n_batches = -(-max_sequences // cfg.batch_size)
-        for b in range(rank, n_batches, world):
-            n = min(cfg.batch_size, max_sequences - b * cfg.batch_size)
-            yield _sample_batch(model, tokenizer, cfg, n, b, store_topk)
+        n_batches = -(-max_sequences // bs)
+        first, skip = divmod(len(written), bs)  # this rank's batches done, records of the next
+        for b in range(rank + first * world, n_batches, world):
+            n = min(bs, max_sequences - b * bs)
+            records = _sample_batch(model, tokenizer, cfg, n, b, store_topk)[skip:]
+            skip = 0
+            if records:
+                yield records
         return
-    done_tokens, first = 0, 0
+    # A token budget is cut by rounds of `world` batches: restart at the first round some rank
+    # has not finished, knowing the tokens of the rounds before it from the records on disk.
+    rounds = min(_all_gather_ints(len(written), world)) // bs
+    done_tokens = sum(_all_gather_ints(sum(written[: rounds * bs]), world))
+    first, skip = rounds * world, len(written) - rounds * bs
     while done_tokens < max_tokens:  # rounds of `world` batches, first..first + world - 1
-        records = _sample_batch(model, tokenizer, cfg, cfg.batch_size, first + rank, store_topk)
+        records = _sample_batch(model, tokenizer, cfg, bs, first + rank, store_topk)
         counts = _all_gather_ints(sum(len(r["input_ids"]) - 1 for r in records), world)
         before = done_tokens + sum(counts[:rank])  # tokens of the round's earlier batches
         records = _fit_token_budget(records, max_tokens - before)
+        records, skip = records[skip:], max(0, skip - len(records))
         if records:
             yield records
         done_tokens += sum(counts)

@@ -25,7 +25,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..data.task import TaskSource
 from .sampler import GenerationError, SamplingConfig, eval_mode, pad_token_id, sample_continuations
 from .scoring import per_token_nll, response_perplexity
-from .shards import provenance, write_shards
+from .shards import provenance
+from .writer import write_shards
 from .verifiers import Verifier
 
 REPHRASE_TEMPLATE = (

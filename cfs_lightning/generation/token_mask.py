@@ -25,7 +25,8 @@ from ..data.collate import IGNORE_INDEX
 from ..data.task import TaskSource
 from .sampler import GenerationError, pad_token_id
 from .scoring import per_token_nll
-from .shards import provenance, write_shards
+from .shards import provenance
+from .writer import write_shards
 
 Mode = Literal["high", "random", "low"]
 
