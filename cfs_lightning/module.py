@@ -27,6 +27,10 @@ VAL_KEYS = {"task": "task_loss", "replay": "replay_nll"}
 """Validation log key per stream: `val/task_loss` and `val/replay_nll` (nats per token)."""
 
 
+class NonFiniteLossError(RuntimeError):
+    """A loss term went NaN or infinite; the message names the step, the term and the stream."""
+
+
 class CausalLMFineTuner(L.LightningModule):
     """Fine-tunes any Hugging Face causal LM on `task_loss + sum_i weight_i * regularizer_i`.
 
@@ -49,6 +53,7 @@ class CausalLMFineTuner(L.LightningModule):
         trust_remote_code: bool = False,
         reference: Literal["auto", "none", "copy", "adapters_disabled"] = "auto",
         lora: LoRA | None = None,
+        nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         """
         Args:
@@ -66,8 +71,14 @@ class CausalLMFineTuner(L.LightningModule):
                 regularizer needs it, then `adapters_disabled` with LoRA and `copy` without.
             lora: Train low-rank adapters (peft) instead of all weights; the export then holds
                 the merged model and, under `adapter/`, the adapter alone.
+            nonfinite: What a NaN or infinite loss term does: `stop` saves `last.ckpt` (the
+                weights before the step) and raises an error naming the step, the term and its
+                stream; `skip` drops the batch (no update) and counts it in
+                `train/skipped_nonfinite`.
         """
         super().__init__()
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"model.nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         self.save_hyperparameters(ignore=["regularizers", "optimizer", "lr_scheduler"])
         self.regularizers = list(regularizers or [])
         names = [r.name for r in self.regularizers]
@@ -90,6 +101,7 @@ class CausalLMFineTuner(L.LightningModule):
         self.tokenizer = AutoTokenizer.from_pretrained(
             tokenizer or pretrained, trust_remote_code=trust_remote_code
         )
+        self.nonfinite, self.skipped_nonfinite = nonfinite, 0
         self.val_nll = nn.ModuleDict({s: MeanMetric() for s in VAL_KEYS})
         self.test_nll = nn.ModuleDict({s: MeanMetric() for s in VAL_KEYS})
 
@@ -147,20 +159,50 @@ class CausalLMFineTuner(L.LightningModule):
             dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
             self.reference.to(self.device, dtype)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         terms = [r for r in self.regularizers if r.adds_term]
         streams = {"task"}.union(*(r.streams for r in terms))
         outputs = self._logits(batch, streams)
         task_loss = mean_token_nll(outputs["task"], batch["task"]["labels"])
         logs, loss = {"train/task_loss": task_loss}, task_loss
+        sources = {"train/task_loss": ("task",)}
         for reg in terms:
             term = reg(batch, outputs)
-            logs[f"train/reg/{reg.name}"] = term
+            logs[f"train/reg/{reg.name}"], sources[f"train/reg/{reg.name}"] = term, reg.streams
             loss = loss + reg.weight * term
+        if self._nonfinite(logs, sources, batch_idx):
+            return None
         batch_size = batch["task"]["input_ids"].size(0)
         self.log_dict(logs, batch_size=batch_size)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         return loss
+
+    def _nonfinite(self, logs: dict[str, torch.Tensor], sources: dict[str, tuple], batch_idx: int) -> bool:
+        """Whether this step is skipped for a NaN/Inf term (on any rank); `stop` raises instead."""
+        bad = [key for key, value in logs.items() if not torch.isfinite(value.detach()).all()]
+        if not self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            return False
+        if self.nonfinite == "skip":
+            self.skipped_nonfinite += 1
+            self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), reduce_fx="max")
+            return True
+        path = self._save_last_checkpoint()
+        what = (", ".join(f"{k} is {logs[k].item()} on the {'/'.join(sources[k]) or 'no'} stream" for k in bad)
+                if bad else "a term is non-finite on another rank")
+        raise NonFiniteLossError(
+            f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}): {what}. The "
+            f"weights before this step are saved in {path}; resume with --ckpt_path={path}, or set "
+            "model.nonfinite=skip to skip such batches (or lower the learning rate)"
+        )
+
+    def _save_last_checkpoint(self) -> Path:
+        """`last.ckpt` next to the run's checkpoints (every rank calls this)."""
+        callback = self.trainer.checkpoint_callback
+        folder = (Path(callback.dirpath) if callback is not None and callback.dirpath
+                  else Path(self.trainer.default_root_dir) / "checkpoints")
+        path = folder / "last.ckpt"
+        self.trainer.save_checkpoint(path)
+        return path
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -2,7 +2,8 @@
 
 from .collate import IGNORE_INDEX, Collator, pad_batch
 from .datamodule import ReplayDataModule, replay_batch_size
-from .replay import CyclingSampler, ReplayConfig, ReplayGeneration
+from .replay import ReplayConfig, ReplayGeneration
+from .samplers import CyclingSampler, TaskSampler
 from .task import TaskDataError, TaskSource
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "ReplayConfig",
     "ReplayDataModule",
     "ReplayGeneration",
+    "TaskSampler",
     "TaskDataError",
     "TaskSource",
     "pad_batch",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -16,7 +17,8 @@ from ..generation import check_manifest, generate_replay, load_shards, read_mani
 from ..generation.sampler import pad_token_id
 from ..generation.shards import MANIFEST, TASK_SOURCES
 from .collate import Collator
-from .replay import CyclingSampler, ReplayConfig
+from .replay import ReplayConfig
+from .samplers import CyclingSampler, TaskSampler
 from .task import TaskSource
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ class ReplayDataModule(L.LightningDataModule):
         self.replay_batch_size = replay_batch_size(replay_ratio, batch_size)
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.datasets: dict[str, object] = {}
+        self._resume: dict[str, int] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -180,14 +183,39 @@ class ReplayDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> CombinedLoader:
-        gen = torch.Generator().manual_seed(self.seed)
-        loaders = {"task": self._loader("task_train", self.batch_size, shuffle=True, generator=gen)}
+        ranks = self._ranks()
+        task = TaskSampler(len(self.datasets["task_train"]), seed=self.seed, **ranks)
+        loaders = {"task": self._loader("task_train", self.batch_size, sampler=task)}
         if self.replay_batch_size:
             n_steps = len(loaders["task"])
-            sampler = CyclingSampler(len(self.datasets["replay_train"]),
-                                     n_steps * self.replay_batch_size, seed=self.seed)
-            loaders["replay"] = self._loader("replay_train", self.replay_batch_size, sampler=sampler)
+            replay = CyclingSampler(len(self.datasets["replay_train"]), n_steps * self.replay_batch_size,
+                                    seed=self.seed, **ranks)
+            loaders["replay"] = self._loader("replay_train", self.replay_batch_size, sampler=replay)
+        if self._resume is not None:  # continue the epoch a checkpoint was taken in, where it was
+            epoch, batches = self._resume["epoch"], self._resume["batches"]
+            for loader in loaders.values():
+                loader.sampler.resume(epoch, batches * loader.batch_size)
+            self._resume = None
         return CombinedLoader(loaders, mode="min_size")
+
+    def _ranks(self) -> dict[str, int]:
+        """This process's data-parallel rank and their number, as the trainer's strategy deals them."""
+        strategy = self.trainer.strategy if self.trainer is not None else None
+        if isinstance(strategy, ParallelStrategy) and strategy.distributed_sampler_kwargs:
+            kwargs = strategy.distributed_sampler_kwargs
+            return {"num_replicas": kwargs["num_replicas"], "rank": kwargs["rank"]}
+        return {"num_replicas": 1, "rank": 0}
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training is in the data: the epoch and the batches of it already trained on."""
+        if self.trainer is None:
+            return {}
+        loop = self.trainer.fit_loop
+        return {"epoch": loop.epoch_progress.current.completed,
+                "batches": loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = state or None
 
     def _eval_loaders(self, task_split: str) -> list[DataLoader]:
         return [
