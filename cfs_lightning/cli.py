@@ -60,8 +60,9 @@ class CFSCLI(LightningCLI):
         meta = path / "meta.pt" if path.is_dir() else path  # a distributed checkpoint is a folder
         if not meta.is_file():
             raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file or folder")
-        # The user's own checkpoint; hyperparameters may hold config dataclasses (LoRA).
-        saved = torch.load(meta, weights_only=False, map_location="cpu").get("hyper_parameters", {})
+        # Tensors and plain data only (and the LoRA settings, registered as safe): a checkpoint
+        # cannot run code when it is read.
+        saved = torch.load(meta, weights_only=True, map_location="cpu").get("hyper_parameters", {})
         given = self.config[subcommand].model.init_args
         for key, value in saved.items():
             if key in given and _plain(given[key]) != _plain(value):

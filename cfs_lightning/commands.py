@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from .data import TaskSource
 from .generation import Budget, SamplingConfig, generate_replay
@@ -23,6 +23,7 @@ from .generation.generate import torchrun_process_group
 from .generation.self_output import REPHRASE_TEMPLATE, self_generated_targets
 from .generation.token_mask import Mode, token_mask
 from .generation.verifiers import GSM8KAnswer, Verifier
+from .loading import load_causal_lm
 
 
 def _load_base(model: str, tokenizer: str | None, dtype: str | None, trust_remote_code: bool,
@@ -30,8 +31,7 @@ def _load_base(model: str, tokenizer: str | None, dtype: str | None, trust_remot
     """The base model (float32 unless `dtype`, on `device`; `auto`: CUDA when available) and its
     tokenizer (`tokenizer`, default `model`)."""
     tok = AutoTokenizer.from_pretrained(tokenizer or model, trust_remote_code=trust_remote_code)
-    lm = AutoModelForCausalLM.from_pretrained(
-        model, dtype=getattr(torch, dtype) if dtype else torch.float32, trust_remote_code=trust_remote_code)
+    lm = load_causal_lm(model, dtype, trust_remote_code)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return lm.to(device), tok

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import concatenate_datasets
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from .callbacks import RetainedEval
 from .cli import run_cli
@@ -36,6 +36,7 @@ from .evaluation import load_task_yaml
 from .generation import generate_replay, load_shards
 from .generation.shards import provenance
 from .generation.writer import write_shards
+from .loading import load_causal_lm
 
 
 @dataclass
@@ -114,7 +115,7 @@ def _stage_replay(folder: Path, start: str | None, task: TaskSource, earlier: li
     if fresh is not None:
         own = folder / "replay_fresh"
         if not (own / "manifest.json").is_file():
-            model = AutoModelForCausalLM.from_pretrained(start)
+            model = load_causal_lm(start)
             task_size = len(task.load(task.split)) if fresh.budget.fraction else None
             generate_replay(model, AutoTokenizer.from_pretrained(start), own, fresh.sampling, fresh.budget,
                             task_size=task_size, shard_size=fresh.shard_size)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import lm_eval
 from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
@@ -82,8 +83,17 @@ def task_specs(tasks: list[str], suites: list[str] = ()) -> list[str | dict]:
 
 
 def task_manager_for(tasks: list[str | dict]) -> TaskManager:
-    """A TaskManager that indexes lm-eval's built-in tasks (seconds) only when a name needs it."""
-    return TaskManager(include_defaults=any(isinstance(t, str) for t in tasks))
+    """A TaskManager that indexes lm-eval's built-in tasks (seconds) only when a name needs it;
+    a name it does not know is refused here, before any model runs."""
+    manager = TaskManager(include_defaults=any(isinstance(t, str) for t in tasks))
+    unknown = [t for t in tasks if isinstance(t, str) and t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(
+            f"unknown lm-eval task(s) {unknown}: not registered with lm-eval {lm_eval.__version__} "
+            "(list them with `lm-eval ls tasks`); give a registered name or the path of a task "
+            "YAML file (configs/tasks/*.yaml)"
+        )
+    return manager
 
 
 class DistributedHFLM(HFLM):

@@ -6,6 +6,7 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
@@ -32,6 +33,11 @@ class LoRA:
         if not 0 <= self.dropout < 1:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
+
+
+# LoRA settings are a model hyperparameter, so they are in every checkpoint: let checkpoints load
+# with torch.load(weights_only=True), which otherwise refuses any class it does not know.
+torch.serialization.add_safe_globals([LoRA])
 
 def apply_lora(model: PreTrainedModel, options: LoRA) -> PeftModel:
     """Wrap `model` with fresh LoRA adapters (B = 0, so the output is unchanged at first)."""

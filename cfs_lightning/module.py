@@ -15,8 +15,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torchmetrics import MeanMetric
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
+from .loading import load_causal_lm
 from .lora import LoRA, apply_lora, save_merged, unwrap
 from .losses import mean_token_nll, token_nll
 from .reference import FrozenReference, resolve_reference_mode
@@ -85,11 +86,8 @@ class CausalLMFineTuner(L.LightningModule):
         if len(set(names)) != len(names):
             raise ValueError(f"regularizer names must be unique, got {names}; set `name` on each")
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        model = AutoModelForCausalLM.from_pretrained(
-            pretrained,
-            dtype=getattr(torch, dtype) if dtype else torch.float32,
-            trust_remote_code=trust_remote_code,
-        ).train()  # from_pretrained returns eval mode; Lightning keeps modules' modes as given
+        # from_pretrained returns eval mode; Lightning keeps modules' modes as given
+        model = load_causal_lm(pretrained, dtype, trust_remote_code).train()
         mode = resolve_reference_mode(reference, any(r.needs_reference for r in self.regularizers),
                                       lora is not None)
         # A plain attribute, not a submodule: never in the optimizer, state_dict or checkpoints.

@@ -11,15 +11,11 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from .evaluation import evaluate_lm, task_manager_for, task_specs
 from .io import atomic_file
-
-
-def _load(name: str, dtype: str | None, trust_remote_code: bool):
-    return AutoModelForCausalLM.from_pretrained(
-        name, dtype=getattr(torch, dtype) if dtype else torch.float32, trust_remote_code=trust_remote_code)
+from .loading import load_causal_lm
 
 
 def check_compatible(base: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor]) -> None:
@@ -87,9 +83,9 @@ def interpolate(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(finetuned, trust_remote_code=trust_remote_code)
-    model = _load(finetuned, dtype, trust_remote_code)
+    model = load_causal_lm(finetuned, dtype, trust_remote_code)
     ft_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    base_state = _load(base, dtype, trust_remote_code).state_dict()
+    base_state = load_causal_lm(base, dtype, trust_remote_code).state_dict()
     check_compatible(base_state, ft_state)  # before any evaluation
     model.to(device).eval()
     specs = task_specs(tasks)

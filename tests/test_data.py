@@ -70,13 +70,6 @@ def test_replay_ratio_arithmetic(ratio, bs, expected):
     assert replay_batch_size(ratio, bs) == expected
 
 
-def test_replay_ratio_validation(tiny_replay_dir):
-    with pytest.raises(ValueError, match="replay_ratio must be >= 0"):
-        ReplayDataModule(TaskSource(), replay_ratio=-1, replay=ReplayConfig(dir=str(tiny_replay_dir)))
-    with pytest.raises(ValueError, match="data.replay.dir"):
-        ReplayDataModule(TaskSource(), replay_ratio=0.5)
-
-
 def test_cycling_sampler_sees_all_before_repeating_and_continues_across_epochs():
     s = CyclingSampler(n=5, num_samples=7, seed=0)
     e0 = list(s)

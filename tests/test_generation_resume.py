@@ -17,7 +17,7 @@ import yaml
 from datasets import Dataset
 
 from cfs_lightning.generation import Budget, SamplingConfig, generate_replay, load_shards, read_manifest
-from cfs_lightning.generation.shards import ReplayIntegrityError
+from cfs_lightning.generation.shards import ReplayIntegrityError, provenance
 from cfs_lightning.generation.writer import write_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,20 +96,23 @@ def test_other_settings_never_touch_existing_work(tmp_path, tiny_model, tiny_tok
         generate_replay(tiny_model, tiny_tokenizer, tmp_path / "r", cfg, Budget(sequences=5))
     assert read_manifest(tmp_path / "r") == before
 
+    base = provenance(tiny_tokenizer)
+
     def broken(*_):
         yield [{"input_ids": [1, 2, 3]}] * 4
         raise RuntimeError("sampler died")
 
     with pytest.raises(RuntimeError, match="sampler died"):
-        write_shards(tmp_path / "r", broken(), {"source": "test"}, shard_size=2, overwrite=True)
+        write_shards(tmp_path / "r", broken(), {**base, "source": "test"}, shard_size=2, overwrite=True)
     assert read_manifest(tmp_path / "r") == before  # the old set survives a failed overwrite
     assert len(partial_rows(tmp_path / "r.partial")) == 4  # and the new run's shards wait for a rerun
     with pytest.raises(RuntimeError, match="sampler died"):
-        write_shards(tmp_path / "s", broken(), {"source": "test"}, shard_size=2)
+        write_shards(tmp_path / "s", broken(), {**base, "source": "test"}, shard_size=2)
     with pytest.raises(FileExistsError, match=r"interrupted run with other settings \(source: 'test' -> 'x'\)"):
-        write_shards(tmp_path / "s", iter([[{"input_ids": [4, 5]}]]), {"source": "x"}, shard_size=2)
+        write_shards(tmp_path / "s", iter([[{"input_ids": [4, 5]}]]), {**base, "source": "x"}, shard_size=2)
     assert len(partial_rows(tmp_path / "s.partial")) == 4
-    write_shards(tmp_path / "s", iter([[{"input_ids": [4, 5]}]]), {"source": "x"}, shard_size=2, overwrite=True)
+    write_shards(tmp_path / "s", iter([[{"input_ids": [4, 5]}]]), {**base, "source": "x"}, shard_size=2,
+                 overwrite=True)
     assert rows(tmp_path / "s") == [[4, 5]] and not (tmp_path / "s.partial").exists()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")

@@ -101,6 +101,10 @@ class RetainedEval(L.Callback):
             (Path(log_dir) / "retained_eval.json").write_text(json.dumps(self.history, indent=2))
         return metrics
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._task_manager is None:  # an unknown task name fails now, before any training
+            self._task_manager = task_manager_for(task_specs(self.tasks, self.suites))
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._resumed:  # keep the restored baseline and history
             self._resumed = False

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..generation import check_manifest, generate_replay, load_shards, read_manifest
 from ..generation.sampler import pad_token_id
-from ..generation.shards import MANIFEST, TASK_SOURCES
+from ..generation.shards import MANIFEST, TASK_SOURCES, check_rows
 from .collate import Collator
 from .replay import ReplayConfig
 from .samplers import CyclingSampler, TaskSampler
@@ -65,8 +65,10 @@ class ReplayDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
-        if replay_ratio < 0:
-            raise ValueError(f"data.replay_ratio must be >= 0, got {replay_ratio}")
+        if (isinstance(replay_ratio, bool) or not isinstance(replay_ratio, (int, float))
+                or not math.isfinite(replay_ratio) or replay_ratio < 0):
+            raise ValueError(f"data.replay_ratio must be a finite number >= 0 (replay sequences per task "
+                             f"sequence, e.g. 0.1), got {replay_ratio!r}")
         if replay_ratio > 0 and replay is None:
             raise ValueError(
                 f"data.replay_ratio={replay_ratio} needs replay shards: set data.replay.dir"
@@ -143,7 +145,9 @@ class ReplayDataModule(L.LightningDataModule):
         if manifest["source"] == "token_mask":
             log.info("task shards %s: %.1f%% of response tokens masked (tau=%s, mode=%s)", self.task.shards,
                      100 * manifest["stats"]["masked_fraction"], manifest["tau"], manifest["mode"])
-        return load_shards(self.task.shards)
+        rows = load_shards(self.task.shards)
+        check_rows(rows, len(tok), f"task shards in {self.task.shards}")
+        return rows
 
     def _setup_replay(self, tok: PreTrainedTokenizerBase, check_model: bool) -> None:
         # The model is compared only before fitting, when it still holds the base weights;
@@ -157,6 +161,7 @@ class ReplayDataModule(L.LightningDataModule):
         check_manifest(manifest, tok, self._base_model() if check_model else None,
                        where=f"replay shards in {self.replay.dir}")
         replay = load_shards(self.replay.dir)
+        check_rows(replay, len(tok), f"replay shards in {self.replay.dir}")
         n_val = min(self.replay.val_size, len(replay))
         if self.replay_ratio > 0 and n_val == len(replay):
             raise ValueError(

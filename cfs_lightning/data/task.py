@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import string
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import datasets
 from transformers import PreTrainedTokenizerBase
@@ -50,8 +50,11 @@ class TaskSource:
     """Render prompt and response as a user and an assistant turn with the tokenizer's chat
     template (which then supplies its own BOS and end-of-turn tokens)."""
     max_length: int = 512
-    """Longer sequences are cut (counted and warned about); a sequence left with no response
-    token is dropped."""
+    """Tokens per sequence (start token, prompt and response), at most; see `long_sequences`."""
+    long_sequences: Literal["truncate", "drop", "error"] = "truncate"
+    """What a sequence longer than `max_length` becomes: `truncate` cuts it (counted and warned
+    about; one left with no response token is dropped), `drop` leaves it out (counted), `error`
+    refuses the data, naming the record."""
     shards: str | None = None
     """Training sequences already tokenized with their labels, written by `cfs self-output`,
     `cfs rephrase` or `cfs token-mask` from this task: they replace `split` in training
@@ -62,19 +65,27 @@ class TaskSource:
     def __post_init__(self) -> None:
         if self.max_length < 2:
             raise TaskDataError(f"task.max_length must be >= 2, got {self.max_length}")
+        if self.long_sequences not in ("truncate", "drop", "error"):
+            raise TaskDataError(f"task.long_sequences must be truncate, drop or error, got {self.long_sequences!r}")
         if self.chat_template and self.prompt is None:
             raise TaskDataError("task.chat_template needs a prompt template (task.prompt)")
 
     def describe(self) -> dict[str, Any]:
         """What a manifest records of the task a set of shards was made from."""
         return {"path": self.path, "data_files": self.data_files, "split": self.split, "prompt": self.prompt,
-                "response": self.response, "chat_template": self.chat_template, "max_length": self.max_length}
+                "response": self.response, "chat_template": self.chat_template, "max_length": self.max_length,
+                "long_sequences": self.long_sequences}
 
     def load(self, split: str) -> datasets.Dataset:
         """The raw records of one split."""
         ds = datasets.load_dataset(
             self.path, self.name, data_files=self.data_files, split=split, **self.load_kwargs
         )
+        if len(ds) == 0:
+            raise TaskDataError(
+                f"the {split!r} split of {self.path!r} (data_files={self.data_files!r}) has no records; "
+                "point task.data_files / task.split at the data"
+            )
         fields = set(ds.column_names)
         for kind, template in (("prompt", self.prompt), ("response", self.response)):
             needed = _template_fields(template)
@@ -103,18 +114,19 @@ class TaskSource:
         encoded = ds.map(
             _Encoder(self, tokenizer),
             batched=True,
+            with_indices=True,
             remove_columns=ds.column_names,
             desc="tokenizing task data",
         )
         n_cut, n = sum(encoded["truncated"]), len(encoded)
+        if self.long_sequences == "drop":
+            encoded = encoded.filter(lambda row: not row["truncated"], desc="dropping long rows")
         kept = encoded.filter(lambda row: row["num_targets"] > 0, desc="dropping empty rows")
         if n_cut:
-            log.warning(
-                "task data: %d of %d sequences (%.1f%%) were longer than task.max_length=%d and "
-                "were cut; %d had no response token left and were dropped. Raise "
-                "task.max_length to keep them whole.",
-                n_cut, n, 100 * n_cut / n, self.max_length, n - len(kept),
-            )
+            fate = ("were dropped" if self.long_sequences == "drop" else
+                    f"were cut; {n - len(kept)} had no response token left and were dropped")
+            log.warning("task data: %d of %d sequences (%.1f%%) were longer than task.max_length=%d and %s. "
+                        "Raise task.max_length to keep them whole.", n_cut, n, 100 * n_cut / n, self.max_length, fate)
         if len(kept) == 0:
             raise TaskDataError(f"no task example of {self.path!r} has a response token left")
         return kept.remove_columns(["truncated", "num_targets"])
@@ -132,12 +144,19 @@ class _Encoder:
     def __init__(self, source: TaskSource, tokenizer: PreTrainedTokenizerBase) -> None:
         self.source, self.tok = source, tokenizer
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         records = [dict(zip(batch, values)) for values in zip(*batch.values())]
         out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "num_targets": []}
-        for record in records:
-            for key, value in self.example(*self._encode(record)).items():
-                out[key].append(value)
+        for index, record in zip(indices, records, strict=True):
+            row = self.example(*self._encode(record, index))
+            if row["truncated"] and self.source.long_sequences == "error":
+                raise TaskDataError(
+                    f"task record {index} is {row['length']} tokens long, more than task.max_length="
+                    f"{self.source.max_length}; raise task.max_length, or set task.long_sequences to "
+                    "truncate (cut such sequences) or drop (leave them out)"
+                )
+            for key in out:
+                out[key].append(row[key])
         return out
 
     def example(self, prompt_ids: list[int], response_ids: list[int]) -> dict:
@@ -146,11 +165,20 @@ class _Encoder:
         labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
         n = self.source.max_length
         # targets are labels[1:]: position 0 is never predicted
-        return {"input_ids": ids[:n], "labels": labels[:n], "truncated": len(ids) > n,
+        return {"input_ids": ids[:n], "labels": labels[:n], "truncated": len(ids) > n, "length": len(ids),
                 "num_targets": sum(x != IGNORE_INDEX for x in labels[1:n])}
 
-    def _encode(self, record: dict) -> tuple[list[int], list[int]]:
+    def _encode(self, record: dict, index: int | None = None) -> tuple[list[int], list[int]]:
         src, tok = self.source, self.tok
+        for kind, template in (("prompt", src.prompt), ("response", src.response)):
+            for name in _template_fields(template):
+                if not isinstance(record.get(name), (str, int, float)) or isinstance(record[name], bool):
+                    where = f"task record {index}" if index is not None else "a task record"
+                    raise TaskDataError(
+                        f"{where} has {'no' if record.get(name) is None else 'a non-text'} {name!r} "
+                        f"field (got {record.get(name)!r}), which the task.{kind} template {template!r} "
+                        "needs; fix or remove the record"
+                    )
         response = src.response.format(**record)
         if src.chat_template:
             return self._encode_chat(src.prompt.format(**record), response)

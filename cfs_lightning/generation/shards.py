@@ -16,8 +16,8 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
-import torch.distributed as dist
 import transformers
 from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -109,7 +109,61 @@ def read_manifest(replay_dir: str | Path) -> dict:
             f"{path} has format {found!r}, not {FORMAT!r}: it was written by another version of "
             "cfs_lightning or by hand; regenerate the directory with this version"
         )
+    _check_schema(manifest, path)
     return manifest
+
+
+_REQUIRED = {"source": str, "tokenizer_fingerprint": str, "num_sequences": int, "shards": list}
+_SHARD = {"file": str, "num_sequences": int, "num_generated_tokens": int, "sha256": str}
+
+
+def _check_schema(manifest: dict, path: Path) -> None:
+    """The fields readers use, with their types; shard files named inside the directory."""
+    problems = [f"{k!r} is not a {t.__name__}" for k, t in _REQUIRED.items()
+                if not isinstance(manifest.get(k), t) or isinstance(manifest.get(k), bool)]
+    for i, entry in enumerate(manifest.get("shards") if isinstance(manifest.get("shards"), list) else []):
+        if not isinstance(entry, dict) or any(not isinstance(entry.get(k), t) or isinstance(entry.get(k), bool)
+                                              for k, t in _SHARD.items()):
+            problems.append(f"shards[{i}] is not {{{', '.join(_SHARD)}}}")
+        elif entry["file"] != Path(entry["file"]).name or not entry["file"].endswith(".arrow"):
+            problems.append(f"shards[{i}] names {entry['file']!r}, not an .arrow file of the directory")
+    if problems:
+        raise ReplayIntegrityError(f"{path} is malformed: {'; '.join(problems[:3])}; regenerate the directory")
+
+
+def check_rows(rows: Dataset, vocab_size: int, where: str) -> None:
+    """Refuse rows a batch cannot be made of: a sequence with no target (under 2 tokens), a token
+    id outside the vocabulary, labels that do not line up with the ids or leave nothing to learn."""
+    table = rows.with_format(None).data
+    ids = table.column("input_ids")
+    lengths = pc.list_value_length(ids)
+    if len(ids) and pc.min(lengths).as_py() < 2:
+        bad = pc.index(pc.less(lengths, 2), True).as_py()
+        raise ReplayIntegrityError(f"{where}: row {bad} has {lengths[bad].as_py()} token(s); every "
+                                   "sequence needs at least 2 (a start token and a target)")
+    _check_ids(pc.list_flatten(ids), vocab_size, where, "input_ids")
+    if "labels" in table.column_names:
+        labels = table.column("labels")
+        if not pc.all(pc.equal(pc.list_value_length(labels), lengths)).as_py():
+            raise ReplayIntegrityError(f"{where}: labels and input_ids differ in length in some row")
+        flat = pc.list_flatten(labels)
+        _check_ids(pc.filter(flat, pc.not_equal(flat, -100)), vocab_size, where, "labels")
+        targets = [sum(1 for t in row[1:] if t != -100) for row in labels.to_pylist()]
+        if 0 in targets:
+            raise ReplayIntegrityError(f"{where}: row {targets.index(0)} has no label to learn "
+                                       "(every label after the first token is -100)")
+
+
+def _check_ids(values, vocab_size: int, where: str, column: str) -> None:
+    if len(values) == 0:
+        return
+    low, high = pc.min_max(values).values()
+    if low.as_py() < 0 or high.as_py() >= vocab_size:
+        raise ReplayIntegrityError(
+            f"{where}: {column} holds token id {low.as_py() if low.as_py() < 0 else high.as_py()}, "
+            f"outside the tokenizer's vocabulary [0, {vocab_size}); the shards were made for another "
+            "tokenizer: regenerate them"
+        )
 
 
 def verify_shards(replay_dir: str | Path, manifest: dict) -> None:
