@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import datasets
+import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
 from .collate import IGNORE_INDEX
@@ -78,9 +79,19 @@ class TaskSource:
 
     def load(self, split: str) -> datasets.Dataset:
         """The raw records of one split."""
-        ds = datasets.load_dataset(
-            self.path, self.name, data_files=self.data_files, split=split, **self.load_kwargs
-        )
+        try:
+            ds = datasets.load_dataset(
+                self.path, self.name, data_files=self.data_files, split=split, **self.load_kwargs
+            )
+        except StopIteration:  # what the json builder raises on an empty file
+            ds = []
+        except (datasets.exceptions.DatasetGenerationError, pa.ArrowInvalid, ValueError) as err:
+            if "corresponds to no data" not in str(err):  # datasets' words for a file of blank lines
+                raise TaskDataError(
+                    f"cannot read the {split!r} split of {self.path!r} (data_files={self.data_files!r}): "
+                    f"{err}"
+                ) from err
+            ds = []
         if len(ds) == 0:
             raise TaskDataError(
                 f"the {split!r} split of {self.path!r} (data_files={self.data_files!r}) has no records; "
