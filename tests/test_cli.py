@@ -224,4 +224,4 @@ def test_data_method_commands_run_from_yaml(tmp_path, tiny_model_dir, tiny_task_
                                       "dialogue": "self_dialogue"}.get(command, command)
         assert manifest["num_sequences"] == (3 if command == "dialogue" else 4)
     out = capsys.readouterr().out
-    assert "kept their reference" in out and "response tokens" in out and "wrote 3 dialogues" in out
+    assert "kept their reference" in out and "response tokens" in out and "3 dialogues" in out

@@ -196,4 +196,7 @@ def test_sigkill_during_cfs_fit_then_resume_gives_the_uninterrupted_losses(
     assert len(reference) == 32
     after = {step: loss for step, loss in _logged_losses(killed_dir / "logs").items() if step >= 10}
     assert sorted(after) == list(range(10, 32))
-    assert after == {step: reference[step] for step in after}  # bit-equal, step for step
+    # Step for step; two processes may round a logged loss differently in the last float32 bit
+    # (seen: 1e-7 relative, with the steps after it bit-equal again), a wrong batch moves it ~1e-2.
+    assert {s: float(v) for s, v in after.items()} == pytest.approx({s: float(reference[s]) for s in after},
+                                                                    rel=1e-6, abs=0)
