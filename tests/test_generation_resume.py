@@ -204,3 +204,13 @@ def test_sigkill_during_cfs_generate_then_rerun_completes_the_exact_budget(tmp_p
     again = _cfs_generate(config)
     stdout, _ = again.communicate(timeout=300)
     assert again.returncode == 0 and "nothing to do" in stdout
+
+
+def test_a_directory_of_another_format_is_replaced_only_with_overwrite(tmp_path, tiny_model, tiny_tokenizer):
+    cfg = SamplingConfig(max_new_tokens=4, batch_size=4)
+    generate_replay(tiny_model, tiny_tokenizer, tmp_path / "r", cfg, Budget(sequences=2))
+    _edit_manifest(tmp_path / "r", lambda m: m.update(format="cfs_lightning.replay/1"))
+    with pytest.raises(FileExistsError, match="other settings.*overwrite=true"):
+        generate_replay(tiny_model, tiny_tokenizer, tmp_path / "r", cfg, Budget(sequences=2))
+    generate_replay(tiny_model, tiny_tokenizer, tmp_path / "r", cfg, Budget(sequences=2), overwrite=True)
+    assert len(rows(tmp_path / "r")) == 2

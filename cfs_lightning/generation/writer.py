@@ -113,11 +113,11 @@ def _prepare(out: Path, partial: Path, request: dict, overwrite: bool) -> dict |
     if old.is_dir() and not out.exists():  # killed while swapping in a new set: put the old back
         os.replace(old, out)
     if (partial / MANIFEST).is_file():  # finished but killed before it was moved into place
-        if _settings_of(read_manifest(partial)) == request:
+        if _settings_of(partial) == request:
             return _move_into_place(out, partial)
         shutil.rmtree(partial)
     if (out / MANIFEST).is_file():
-        if _settings_of(read_manifest(out)) == request and not overwrite:
+        if _settings_of(out) == request and not overwrite:
             return read_manifest(out)
         if not overwrite:
             raise FileExistsError(
@@ -147,8 +147,13 @@ def _prepare(out: Path, partial: Path, request: dict, overwrite: bool) -> dict |
     return None
 
 
-def _settings_of(manifest: dict) -> dict:
-    return manifest.get("request", {})
+def _settings_of(folder: Path) -> dict | None:
+    """The settings a finished directory was written with; None if its manifest is unreadable or
+    of another format (it can then only be replaced, with `overwrite`)."""
+    try:
+        return read_manifest(folder).get("request")
+    except ReplayIntegrityError:
+        return None
 
 
 def _differences(old: dict, new: dict) -> str:
