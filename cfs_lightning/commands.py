@@ -168,8 +168,6 @@ def contextual(
     return manifest
 
 
-
-
 SELF_OUTPUT_SAMPLING = SamplingConfig(temperature=0.7, top_p=0.95, max_new_tokens=256, batch_size=32)
 """Self-Output / Rephrase defaults (arXiv 2501.14315): temperature 0.7, top-p 0.95."""
 
@@ -205,7 +203,8 @@ def self_output(
         device: `auto` (CUDA when available), `cpu`, `cuda`, ...
         score_batch_size: Sequences per forward pass when scoring perplexity.
         shard_size: Sequences per Arrow shard.
-        overwrite: Replace an existing shard directory (only once the new one is complete).
+        overwrite: Replace a directory written with other settings (only once the new one
+            is complete), discarding an interrupted run with other settings.
         trust_remote_code: Allow model code shipped with the checkpoint to run.
     """
     return _rewrite("self_output", model, task, output_dir, verifier, num_samples, sampling, tokenizer,
@@ -246,7 +245,8 @@ def rephrase(
         device: `auto` (CUDA when available), `cpu`, `cuda`, ...
         score_batch_size: Sequences per forward pass when scoring perplexity.
         shard_size: Sequences per Arrow shard.
-        overwrite: Replace an existing shard directory (only once the new one is complete).
+        overwrite: Replace a directory written with other settings (only once the new one
+            is complete), discarding an interrupted run with other settings.
         trust_remote_code: Allow model code shipped with the checkpoint to run.
     """
     return _rewrite("rephrase", model, task, output_dir, verifier, num_samples, sampling, tokenizer,
@@ -297,7 +297,8 @@ def token_mask_command(
         dtype: Weight dtype; default float32.
         device: `auto` (CUDA when available), `cpu`, `cuda`, ...
         shard_size: Sequences per Arrow shard.
-        overwrite: Replace an existing shard directory (only once the new one is complete).
+        overwrite: Replace a directory written with other settings (only once the new one
+            is complete), discarding an interrupted run with other settings.
         trust_remote_code: Allow model code shipped with the checkpoint to run.
     """
     lm, tok = _load_base(model, tokenizer, dtype, trust_remote_code, device)

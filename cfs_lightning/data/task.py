@@ -154,6 +154,8 @@ class _Encoder:
 
     def __init__(self, source: TaskSource, tokenizer: PreTrainedTokenizerBase) -> None:
         self.source, self.tok = source, tokenizer
+        self.fields = {kind: _template_fields(template)  # checked in every record
+                       for kind, template in (("prompt", source.prompt), ("response", source.response))}
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         records = [dict(zip(batch, values)) for values in zip(*batch.values())]
@@ -181,14 +183,14 @@ class _Encoder:
 
     def _encode(self, record: dict, index: int | None = None) -> tuple[list[int], list[int]]:
         src, tok = self.source, self.tok
-        for kind, template in (("prompt", src.prompt), ("response", src.response)):
-            for name in _template_fields(template):
+        for kind, names in self.fields.items():
+            for name in names:
                 if not isinstance(record.get(name), (str, int, float)) or isinstance(record[name], bool):
                     where = f"task record {index}" if index is not None else "a task record"
                     raise TaskDataError(
                         f"{where} has {'no' if record.get(name) is None else 'a non-text'} {name!r} "
-                        f"field (got {record.get(name)!r}), which the task.{kind} template {template!r} "
-                        "needs; fix or remove the record"
+                        f"field (got {record.get(name)!r}), which the task.{kind} template "
+                        f"{getattr(src, kind)!r} needs; fix or remove the record"
                     )
         response = src.response.format(**record)
         if src.chat_template:

@@ -68,28 +68,20 @@ def generate_replay(
     }
     shown = not distributed or dist.get_rank() == 0
     total, unit = (max_sequences, "seq") if max_sequences else (max_tokens, "tok")
-
-    def stream(written: list[int]):
-        """The rest of the budget after the `written` records (vLLM: sampled again, then skipped)."""
-        if backend == "vllm":
-            batches = sample_with_vllm(model.name_or_path, tokenizer, sampling, max_sequences, max_tokens,
-                                       store_topk, dtype=str(model.dtype).removeprefix("torch."))
-            batches = _skip_records(batches, len(written))
-        else:
+    if backend == "vllm":  # not resumable mid-stream: a rerun samples again, the writer skips what is on disk
+        stream = _with_progress(sample_with_vllm(model.name_or_path, tokenizer, sampling, max_sequences,
+                                                 max_tokens, store_topk,
+                                                 dtype=str(model.dtype).removeprefix("torch.")),
+                                total, unit, shown)
+    else:
+        def stream(written: list[int]):
+            """The rest of the budget after the `written` records."""
             batches = sample_context_free(model, tokenizer, sampling, max_sequences, max_tokens,
                                           store_topk, distributed, written)
-        done = len(written) if unit == "seq" else sum(written)
-        return _with_progress(batches, total, unit, shown, done)
+            return _with_progress(batches, total, unit, shown, len(written) if unit == "seq" else sum(written))
 
     with eval_mode(model):
         return write_shards(output_dir, stream, manifest, shard_size, overwrite, distributed)
-
-
-def _skip_records(batches, n: int):
-    for records in batches:
-        kept, n = records[n:], max(0, n - len(records))
-        if kept:
-            yield kept
 
 
 def _with_progress(batches, total: int, unit: str, shown: bool = True, done: int = 0):

@@ -166,14 +166,15 @@ def _check_ids(values, vocab_size: int, where: str, column: str) -> None:
         )
 
 
-def verify_shards(replay_dir: str | Path, manifest: dict) -> None:
-    """Refuse a directory whose shard files differ from what its manifest lists: a listed file
-    missing, an unlisted one present, a checksum or row count that differs."""
+def verify_shards(replay_dir: str | Path, manifest: dict) -> list[Dataset]:
+    """The shards a manifest lists, opened memory-mapped; refuse a directory whose files differ
+    from it: a listed file missing, an unlisted one present, a checksum or row count that differs."""
     folder = Path(replay_dir)
     listed = {s["file"] for s in manifest["shards"]}
     for extra in sorted(p.name for p in folder.glob("*.arrow") if p.name not in listed):
         raise ReplayIntegrityError(f"{folder / extra} is not listed in {folder / MANIFEST}; remove it "
                                    "or regenerate the directory")
+    parts = []
     for entry in manifest["shards"]:
         path = folder / entry["file"]
         if not path.is_file():
@@ -182,21 +183,20 @@ def verify_shards(replay_dir: str | Path, manifest: dict) -> None:
         if sha256_file(path) != entry["sha256"]:
             raise ReplayIntegrityError(f"{path} does not match its sha256 in {folder / MANIFEST} (changed "
                                        "or truncated after it was written); regenerate the directory")
-        rows = Dataset.from_file(str(path)).num_rows
-        if rows != entry["num_sequences"]:
-            raise ReplayIntegrityError(f"{path} holds {rows} sequences, {folder / MANIFEST} says "
+        parts.append(Dataset.from_file(str(path)))
+        if parts[-1].num_rows != entry["num_sequences"]:
+            raise ReplayIntegrityError(f"{path} holds {parts[-1].num_rows} sequences, {folder / MANIFEST} says "
                                        f"{entry['num_sequences']}; regenerate the directory")
     total = sum(s["num_sequences"] for s in manifest["shards"])
     if total != manifest["num_sequences"]:
         raise ReplayIntegrityError(f"{folder / MANIFEST} says num_sequences={manifest['num_sequences']} "
                                    f"but its shards hold {total}; regenerate the directory")
+    return parts
 
 
 def load_shards(replay_dir: str | Path) -> Dataset:
     """All shards of a replay directory as one memory-mapped dataset, checked against its manifest."""
-    manifest = read_manifest(replay_dir)
-    verify_shards(replay_dir, manifest)
-    parts = [Dataset.from_file(str(Path(replay_dir) / s["file"])) for s in manifest["shards"]]
+    parts = verify_shards(replay_dir, read_manifest(replay_dir))
     if not parts:
         raise ValueError(f"replay directory {replay_dir} holds no sequences")
     return concatenate_datasets(parts).with_format("numpy")
