@@ -1,0 +1,157 @@
+"""What replay costs: every speed and memory figure of cfs_lightning against its bound, in one run.
+
+One process measures every figure side by side: the arms of each ratio run interleaved, their
+order rotated per repetition, and each ratio is the median over repetitions of the ratio within a
+repetition, so a slow phase of a noisy machine hits numerator and denominator alike. Prints one
+markdown table and writes it, with the raw timings, as JSON.
+
+The model is a Llama shape with random weights built from config (`--size small`: ~4M parameters,
+for CPUs; `--size 1b`: the Llama-3.2-1B body, for a GPU) and a BPE tokenizer trained on the
+shipped tinyshakespeare text; nothing is downloaded. Training figures use fixed random batches
+(the data pipeline is timed on its own, on the toy GSM8K task and generated replay).
+    python benchmarks/run.py                                  # CPU, ~6 minutes on 2 cores
+    python benchmarks/run.py --device cuda                    # GPU: 1B shape, bf16-mixed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from generation import generation_figures  # noqa: E402
+from harness import Setting, build_model_dir, figure, median_ratio, task_batch  # noqa: E402
+from training import (loader_figure, memory_figures, mfu_figure, scratch, step_figures, step_times,  # noqa: E402
+                      topk_replay)
+
+from cfs_lightning.generation import Budget, SamplingConfig, generate_replay  # noqa: E402
+
+DEFAULTS = {  # per device: size, batch, sequence length, generation batch, repeats, steps, warm-up, precision
+    "cpu": dict(size="small", batch_size=8, seq_len=128, gen_batch=64, repeats=5, steps=6, warmup=2,
+                precision="32-true"),
+    "cuda": dict(size="1b", batch_size=8, seq_len=1024, gen_batch=64, repeats=5, steps=10, warmup=3,
+                 precision="bf16-mixed"),
+}
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--size", choices=["small", "1b"], help="model shape (default: small on CPU, 1b on CUDA)")
+    parser.add_argument("--batch_size", type=int, help="task sequences per step")
+    parser.add_argument("--replay_ratio", type=float, default=0.5, help="replay sequences per task sequence")
+    parser.add_argument("--seq_len", type=int, help="tokens per training sequence")
+    parser.add_argument("--gen_batch", type=int, help="sequences sampled per generate call")
+    parser.add_argument("--gen_tokens", type=int, default=128, help="tokens generated per sequence")
+    parser.add_argument("--repeats", type=int, help="interleaved repetitions of every arm")
+    parser.add_argument("--steps", type=int, help="timed training steps per repetition")
+    parser.add_argument("--warmup", type=int, help="training steps run before timing")
+    parser.add_argument("--precision", help="Lightning precision (default: 32-true on CPU, bf16-mixed on CUDA)")
+    parser.add_argument("--no_trl", action="store_true", help="skip the TRL SFTTrainer comparison")
+    parser.add_argument("--out", help="JSON file to write (default: benchmarks/results-<device>.json)")
+    args = parser.parse_args()
+    for key, value in DEFAULTS[args.device].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device")
+    return args
+
+
+def main() -> None:
+    args = parse()
+    setting = Setting(device=args.device, size=args.size, batch_size=args.batch_size, replay_ratio=args.replay_ratio,
+                      seq_len=args.seq_len, repeats=args.repeats, steps=args.steps, warmup=args.warmup,
+                      precision=args.precision)
+    began = time.perf_counter()
+    work = scratch()
+    model_dir = build_model_dir(work / "model", setting.size)
+    figures, raw = [], {}
+
+    gen, rates, _ = generation_figures(setting, model_dir, args.gen_batch, args.gen_tokens)
+    figures += gen
+    raw["generation_tokens_per_s"] = rates
+
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    gen_ids = torch.Generator().manual_seed(1)
+    task = task_batch(setting.batch_size, setting.seq_len, vocab, gen_ids)
+    replay_ids = torch.randint(3, vocab, (setting.replay_batch_size, setting.seq_len), generator=gen_ids)
+    both = {"task": task, "replay": topk_replay(model_dir, replay_ids)}
+
+    extra = {}
+    if not args.no_trl:
+        from trl_baseline import trl_step_time
+        extra["TRL SFTTrainer"] = lambda rep: trl_step_time(setting, model_dir, task, work / "trl")
+    times = step_times(setting, model_dir, both, extra)
+    raw["step_seconds"] = times
+    figures += step_figures(setting, times)
+    if not args.no_trl:
+        figures.append(figure("step time: plain FT / TRL SFTTrainer", median_ratio(times, "plain FT", "TRL SFTTrainer"),
+                              1.0, "<="))
+    mfu, raw["mfu"] = mfu_figure(setting, model_dir, times)
+    figures.append(mfu)
+
+    tok = _tokenizer(model_dir)
+    generate_replay(_model(model_dir), tok, work / "replay",
+                    SamplingConfig(max_new_tokens=setting.seq_len - 1, batch_size=args.gen_batch),
+                    Budget(sequences=2 * args.gen_batch))
+    loader, raw["loader"] = loader_figure(setting, model_dir, work / "replay", times)
+    figures.append(loader)
+
+    mem, raw["memory"] = memory_figures(setting, model_dir, both)
+    figures += mem
+
+    report = {"setting": vars(args), "machine": _machine(), "figures": figures, "raw": raw,
+              "wall_seconds": time.perf_counter() - began}
+    out = Path(args.out or Path(__file__).parent / f"results-{args.device}.json")
+    out.write_text(json.dumps(report, indent=1))
+    print(table(report))
+    print(f"\nwritten to {out} ({report['wall_seconds']:.0f} s)")
+
+
+def _tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _model(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(model_dir)
+
+
+def _machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def table(report: dict) -> str:
+    s = report["setting"]
+    lines = [f"{s['size']} model on {s['device']} ({s['precision']}), batch {s['batch_size']} task + "
+             f"replay ratio {s['replay_ratio']}, {s['seq_len']} tokens per sequence, medians of "
+             f"{s['repeats']} interleaved repetitions\n",
+             "| figure | measured | bound | met |", "|---|---|---|---|"]
+    for f in report["figures"]:
+        bound = "-" if f["bound"] is None else f"{f['sense']} {f['bound']:.3g}"
+        met = {True: "yes", False: "**no**", None: "-"}[f["ok"]]
+        lines.append(f"| {f['figure']} | {f['value']:.3f} | {bound} | {met} |")
+    mfu = report["raw"]["mfu"]
+    lines.append(f"\nmeasured peak matmul rate ({mfu['matmul_dtype']}): {mfu['peak_matmul_flops'] / 1e12:.2f} TFLOP/s; "
+                 f"plain FT achieved {mfu['achieved_flops'] / 1e12:.3f} TFLOP/s")
+    steps = report["raw"]["step_seconds"]
+    lines.append("median step seconds: " + ", ".join(f"{k} {statistics.median(v):.4f}" for k, v in steps.items()))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Training-side figures: step time per regularizer, model FLOP utilisation, the DataModule's
+throughput and peak memory per way of holding the reference."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from harness import (FixedBatches, Setting, StepTimer, figure, free, interleaved, median_ratio, parameter_counts,
+                     peak_memory, trainer)
+
+from cfs_lightning.data import ReplayConfig, ReplayDataModule, TaskSource
+from cfs_lightning.lora import LoRA
+from cfs_lightning.module import CausalLMFineTuner
+from cfs_lightning.regularizers import EMA, KLFromCachedTopK, KLToReference, L2ToInit, NLLReplay
+
+ARMS = {  # name -> (regularizers, replay stream in the batch)
+    "plain FT": (list, False),
+    "NLLReplay": (lambda: [NLLReplay()], True),
+    "KLToReference": (lambda: [KLToReference()], True),
+    "KLFromCachedTopK": (lambda: [KLFromCachedTopK()], True),
+    "L2ToInit": (lambda: [L2ToInit()], False),
+    "EMA": (lambda: [EMA()], False),
+}
+GSM8K = Path(__file__).resolve().parent.parent / "data" / "gsm8k" / "train.jsonl"
+
+
+def fit_once(setting: Setting, model_dir: Path, regularizers: list, batch: dict, steps: int,
+             lora: LoRA | None = None) -> list[float]:
+    """Seconds per training step of a fresh module, warm-up steps left out."""
+    module = CausalLMFineTuner(str(model_dir), regularizers=regularizers, lora=lora)
+    timer = StepTimer(setting)
+    trainer(setting, steps, [timer]).fit(module, datamodule=FixedBatches(batch, steps))
+    del module
+    free()
+    return timer.times[setting.warmup:]
+
+
+def step_times(setting: Setting, model_dir: Path, both: dict[str, dict],
+               extra: dict[str, Callable[[int], float]]) -> dict[str, list[float]]:
+    """Median step time of each arm (and of `extra` ones), per repetition, the arms interleaved."""
+    steps = setting.warmup + setting.steps
+    task_only = {"task": both["task"]}
+
+    def arm(name: str):
+        make, with_replay = ARMS[name]
+        return lambda rep: statistics.median(
+            fit_once(setting, model_dir, make(), both if with_replay else task_only, steps))
+
+    return interleaved({**{name: arm(name) for name in ARMS}, **extra}, setting.repeats)
+
+
+def step_figures(setting: Setting, times: dict[str, list[float]]) -> list[dict]:
+    r = setting.replay_batch_size / setting.batch_size
+    return [
+        figure(f"step time: NLLReplay (r={r:g}) / plain FT", median_ratio(times, "NLLReplay", "plain FT"),
+               1.05 * (1 + r), "<="),
+        figure("step time: KLToReference (frozen copy) / plain FT",
+               median_ratio(times, "KLToReference", "plain FT"), 1.05 * (1 + r + r / 3), "<="),
+        figure("step time: KLFromCachedTopK / NLLReplay", median_ratio(times, "KLFromCachedTopK", "NLLReplay"),
+               1.05, "<="),
+        figure("step time: L2ToInit / plain FT", median_ratio(times, "L2ToInit", "plain FT"), 1.03, "<="),
+        figure("step time: EMA / plain FT", median_ratio(times, "EMA", "plain FT"), 1.03, "<="),
+    ]
+
+
+def matmul_peak(setting: Setting, dtype: torch.dtype, n: int | None = None, reps: int = 10) -> float:
+    """Measured FLOP/s of a large square matmul: the device's practical peak for `dtype`."""
+    n = n or (8192 if setting.device == "cuda" else 1024)
+    a = torch.randn(n, n, device=setting.device, dtype=dtype)
+    b = torch.randn(n, n, device=setting.device, dtype=dtype)
+    a @ b
+    rates = []
+    for _ in range(reps):
+        setting.sync()
+        start = time.perf_counter()
+        a @ b
+        setting.sync()
+        rates.append(2 * n**3 / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def model_flops_per_step(model_dir: Path, setting: Setting) -> float:
+    """Training FLOPs of one plain step: 6 x matmul parameters per token, plus attention scores
+    (12 x layers x hidden x sequence length per token), the usual count (Chowdhery et al., 2022)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        _, matmul = parameter_counts(AutoModelForCausalLM.from_config(config))
+    tokens = setting.batch_size * setting.seq_len
+    return tokens * (6 * matmul + 12 * config.num_hidden_layers * config.hidden_size * setting.seq_len)
+
+
+def mfu_figure(setting: Setting, model_dir: Path, times: dict[str, list[float]]) -> tuple[dict, dict]:
+    dtype = torch.bfloat16 if setting.precision.startswith("bf16") else torch.float32
+    peak = matmul_peak(setting, dtype)
+    achieved = model_flops_per_step(model_dir, setting) / statistics.median(times["plain FT"])
+    mfu = achieved / peak
+    name = f"model FLOP utilisation, full fine-tuning ({setting.precision})"
+    target = 0.40 if setting.device == "cuda" and dtype == torch.bfloat16 else None
+    return figure(name, mfu, target, ">="), {"peak_matmul_flops": peak, "achieved_flops": achieved,
+                                               "matmul_dtype": str(dtype)}
+
+
+def loader_figure(setting: Setting, model_dir: Path, replay_dir: Path, times: dict[str, list[float]]) -> tuple[dict, dict]:
+    """The ReplayDataModule on the toy task (GSM8K) and generated replay, batches/s, against the
+    NLLReplay step rate of the same batch sizes."""
+    task = TaskSource(path="json", data_files={"train": str(GSM8K)}, split="train",
+                      prompt="Question: {question}\nAnswer:", response=" {answer}", max_length=setting.seq_len)
+    dm = ReplayDataModule(task, tokenizer=str(model_dir), batch_size=setting.batch_size,
+                          replay_ratio=setting.replay_ratio, replay=ReplayConfig(dir=str(replay_dir), val_size=0,
+                                                                                 strict=False))
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    iter(loader)
+    n = min(200, len(loader))
+    rates = []
+    for _ in range(setting.repeats):
+        it = iter(loader)
+        start = time.perf_counter()
+        for _ in range(n):
+            next(it)
+        rates.append(n / (time.perf_counter() - start))
+    steps_per_s = 1 / statistics.median(times["NLLReplay"])
+    ratio = statistics.median(rates) / steps_per_s
+    return figure("DataModule batches/s / NLLReplay training steps/s", ratio, 50, ">="), {
+        "loader_batches_per_s": statistics.median(rates), "train_steps_per_s": steps_per_s}
+
+
+def memory_figures(setting: Setting, model_dir: Path, both: dict[str, dict]) -> tuple[list[dict], dict]:
+    """Peak memory of a few training steps (model, optimizer state and activations included)."""
+    arms = {
+        "LoRA + NLLReplay": (lambda: [NLLReplay()], LoRA()),
+        "LoRA + NLLReplay + KLToReference (adapters_disabled)": (lambda: [NLLReplay(), KLToReference()], LoRA()),
+        "full FT + NLLReplay": (lambda: [NLLReplay()], None),
+        "full FT + KLFromCachedTopK": (lambda: [KLFromCachedTopK()], None),
+    }
+    peaks = {}
+    for name, (make, lora) in arms.items():
+        with peak_memory(setting.device) as result:
+            fit_once(setting, model_dir, make(), both, steps=3, lora=lora)
+        peaks[name] = result["bytes"]
+    figures = [
+        figure("peak memory: LoRA + adapters-disabled reference / LoRA alone",
+               peaks["LoRA + NLLReplay + KLToReference (adapters_disabled)"] / peaks["LoRA + NLLReplay"], 1.05, "<="),
+        figure("peak memory: cached top-k KL / NLL replay",
+               peaks["full FT + KLFromCachedTopK"] / peaks["full FT + NLLReplay"], 1.05, "<="),
+    ]
+    return figures, {f"peak bytes: {k}": v for k, v in peaks.items()}
+
+
+def topk_replay(model_dir: Path, replay_ids: torch.Tensor, k: int = 20) -> dict[str, torch.Tensor]:
+    """A replay batch of the given rows with the base model's cached top-k, as the shards hold it."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        top = model(replay_ids).logits.float().log_softmax(-1).topk(k, dim=-1)
+    return {"input_ids": replay_ids, "attention_mask": torch.ones_like(replay_ids), "labels": replay_ids.clone(),
+            "topk_ids": top.indices, "topk_logprobs": top.values}
+
+
+def scratch() -> Path:
+    return Path(tempfile.mkdtemp(prefix="cfs-bench-"))
