@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import Setting, figure, interleaved, median_ratio
+from harness import Setting, figure, interleaved, ratios
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cfs_lightning.generation.sampler import SamplingConfig, sample_context_free
@@ -20,25 +20,28 @@ def sampled(model, tokenizer, cfg: SamplingConfig, n: int) -> list[list[int]]:
     return [rec["input_ids"] for batch in sample_context_free(model, tokenizer, cfg, n, None) for rec in batch]
 
 
-def generation_figures(setting: Setting, model_dir: Path, batch_size: int, new_tokens: int) -> tuple[list[dict], dict, torch.Tensor]:
-    """Figures, raw rates (generated or forwarded tokens per second), and the sampled rows."""
+def generation_figures(setting: Setting, model_dir: Path, batch_size: int, new_tokens: int,
+                       large_batch: int | None = None) -> tuple[list[dict], dict]:
+    """Figures and raw rates (generated or forwarded tokens per second). `batch_size` is the
+    sampling batch the targets apply to; `large_batch` adds an untargeted row showing how the
+    first ratio grows with the batch."""
     dtype = torch.bfloat16 if setting.precision.startswith("bf16") else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(setting.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     # stop_at_eos=False: every row has exactly new_tokens tokens, so all arms count the same work.
     cfg = dict(max_new_tokens=new_tokens, stop_at_eos=False)
-    latest: list[torch.Tensor] = []
+    latest: dict[int, torch.Tensor] = {}  # batch size -> the rows it sampled last
 
-    def batched(rep: int) -> float:
+    def batched(rep: int, batch_size: int = batch_size) -> float:
         setting.sync()
         start = time.perf_counter()
         ids = sampled(model, tokenizer, SamplingConfig(batch_size=batch_size, seed=rep, **cfg), batch_size)
         setting.sync()
-        latest[:] = [torch.tensor(ids)]
+        latest[batch_size] = torch.tensor(ids)
         return batch_size * new_tokens / (time.perf_counter() - start)
 
-    def forward(rep: int) -> float:
-        ids = latest[0].to(setting.device)  # the rows sampled last, start token included
+    def forward(rep: int, batch_size: int = batch_size) -> float:
+        ids = latest[batch_size].to(setting.device)  # start token included
         with torch.no_grad():
             setting.sync()
             start = time.perf_counter()
@@ -53,12 +56,20 @@ def generation_figures(setting: Setting, model_dir: Path, batch_size: int, new_t
         setting.sync()
         return SINGLE * new_tokens / (time.perf_counter() - start)
 
-    batched(-1)  # warm-up: the first generate call builds caches and picks kernels
-    rates = interleaved({"batched": batched, "forward": forward, "single": single}, setting.repeats)
+    arms = {"batched": batched, "forward": forward, "single": single}
+    for size in filter(None, (batch_size, large_batch)):
+        batched(-1, size)  # warm-up (the first generate call builds caches), and rows to forward
+    if large_batch:
+        arms["large batch"] = lambda rep: batched(rep, large_batch)
+        arms["large forward"] = lambda rep: forward(rep, large_batch)
+    rates = interleaved(arms, setting.repeats)
     figures = [
         figure(f"generation tok/s (batch {batch_size}) / teacher-forced forward tok/s",
-                  median_ratio(rates, "batched", "forward"), 0.5, ">="),
-        figure("generation tok/s / one-sequence-at-a-time generate", median_ratio(rates, "batched", "single"),
+                  ratios(rates, "batched", "forward"), 0.5, ">="),
+        figure("generation tok/s / one-sequence-at-a-time generate", ratios(rates, "batched", "single"),
                   10, ">="),
     ]
-    return figures, rates, latest[0]
+    if large_batch:
+        figures.append(figure(f"generation tok/s (batch {large_batch}) / teacher-forced forward tok/s",
+                              ratios(rates, "large batch", "large forward"), None, ">="))
+    return figures, rates

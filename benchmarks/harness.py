@@ -132,15 +132,19 @@ def interleaved(arms: dict[str, Callable[[int], float]], repeats: int) -> dict[s
     return values
 
 
-def median_ratio(values: dict[str, list[float]], num: str, den: str) -> float:
-    """Median over repetitions of num/den, each pair measured in the same repetition."""
-    return statistics.median(a / b for a, b in zip(values[num], values[den], strict=True))
+def ratios(values: dict[str, list[float]], num: str, den: str) -> list[float]:
+    """num/den per repetition, each pair measured in the same repetition."""
+    return [a / b for a, b in zip(values[num], values[den], strict=True)]
 
 
-def figure(name: str, value: float, bound: float | None, sense: str) -> dict:
-    """One row of the results table; `ok` says whether `value` meets `bound` (None: no target)."""
+def figure(name: str, values: float | list[float], bound: float | None, sense: str) -> dict:
+    """One row of the results table: the median of `values` (one per repetition, or a single
+    measurement), their range, and whether the median meets `bound` (None: no target)."""
+    values = values if isinstance(values, list) else [values]
+    value = statistics.median(values)
     ok = None if bound is None else (value <= bound if sense == "<=" else value >= bound)
-    return {"figure": name, "value": value, "bound": bound, "sense": sense, "ok": ok}
+    return {"figure": name, "value": value, "low": min(values), "high": max(values), "bound": bound,
+            "sense": sense, "ok": ok}
 
 
 def free() -> None:

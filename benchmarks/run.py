@@ -9,7 +9,7 @@ The model is a Llama shape with random weights built from config (`--size small`
 for CPUs; `--size 1b`: the Llama-3.2-1B body, for a GPU) and a BPE tokenizer trained on the
 shipped tinyshakespeare text; nothing is downloaded. Training figures use fixed random batches
 (the data pipeline is timed on its own, on the toy GSM8K task and generated replay).
-    python benchmarks/run.py                                  # CPU, ~6 minutes on 2 cores
+    python benchmarks/run.py                                  # CPU, ~4 minutes on 2 cores
     python benchmarks/run.py --device cuda                    # GPU: 1B shape, bf16-mixed
 """
 
@@ -28,14 +28,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generation import generation_figures  # noqa: E402
-from harness import Setting, build_model_dir, figure, median_ratio, task_batch  # noqa: E402
+from harness import Setting, build_model_dir, figure, ratios, task_batch  # noqa: E402
 from training import (loader_figure, memory_figures, mfu_figure, scratch, step_figures, step_times,  # noqa: E402
                       topk_replay)
 
 from cfs_lightning.generation import Budget, SamplingConfig, generate_replay  # noqa: E402
 
 DEFAULTS = {  # per device: size, batch, sequence length, generation batch, repeats, steps, warm-up, precision
-    "cpu": dict(size="small", batch_size=8, seq_len=128, gen_batch=64, repeats=5, steps=6, warmup=2,
+    "cpu": dict(size="small", batch_size=8, seq_len=128, gen_batch=64, repeats=7, steps=6, warmup=2,
                 precision="32-true"),
     "cuda": dict(size="1b", batch_size=8, seq_len=1024, gen_batch=64, repeats=5, steps=10, warmup=3,
                  precision="bf16-mixed"),
@@ -50,6 +50,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--replay_ratio", type=float, default=0.5, help="replay sequences per task sequence")
     parser.add_argument("--seq_len", type=int, help="tokens per training sequence")
     parser.add_argument("--gen_batch", type=int, help="sequences sampled per generate call")
+    parser.add_argument("--gen_batch_large", type=int, default=256,
+                        help="a larger sampling batch, reported without a target (0: skip)")
     parser.add_argument("--gen_tokens", type=int, default=128, help="tokens generated per sequence")
     parser.add_argument("--repeats", type=int, help="interleaved repetitions of every arm")
     parser.add_argument("--steps", type=int, help="timed training steps per repetition")
@@ -76,7 +78,7 @@ def main() -> None:
     model_dir = build_model_dir(work / "model", setting.size)
     figures, raw = [], {}
 
-    gen, rates, _ = generation_figures(setting, model_dir, args.gen_batch, args.gen_tokens)
+    gen, rates = generation_figures(setting, model_dir, args.gen_batch, args.gen_tokens, args.gen_batch_large)
     figures += gen
     raw["generation_tokens_per_s"] = rates
 
@@ -94,7 +96,7 @@ def main() -> None:
     raw["step_seconds"] = times
     figures += step_figures(setting, times)
     if not args.no_trl:
-        figures.append(figure("step time: plain FT / TRL SFTTrainer", median_ratio(times, "plain FT", "TRL SFTTrainer"),
+        figures.append(figure("step time: plain FT / TRL SFTTrainer", ratios(times, "plain FT", "TRL SFTTrainer"),
                               1.0, "<="))
     mfu, raw["mfu"] = mfu_figure(setting, model_dir, times)
     figures.append(mfu)
@@ -140,11 +142,12 @@ def table(report: dict) -> str:
     lines = [f"{s['size']} model on {s['device']} ({s['precision']}), batch {s['batch_size']} task + "
              f"replay ratio {s['replay_ratio']}, {s['seq_len']} tokens per sequence, medians of "
              f"{s['repeats']} interleaved repetitions\n",
-             "| figure | measured | bound | met |", "|---|---|---|---|"]
+             "| figure | median | range over repetitions | bound | met |", "|---|---|---|---|---|"]
     for f in report["figures"]:
         bound = "-" if f["bound"] is None else f"{f['sense']} {f['bound']:.3g}"
         met = {True: "yes", False: "**no**", None: "-"}[f["ok"]]
-        lines.append(f"| {f['figure']} | {f['value']:.3f} | {bound} | {met} |")
+        spread = f"{f['low']:.3f} - {f['high']:.3f}" if f["high"] > f["low"] else "-"
+        lines.append(f"| {f['figure']} | {f['value']:.3f} | {spread} | {bound} | {met} |")
     mfu = report["raw"]["mfu"]
     lines.append(f"\nmeasured peak matmul rate ({mfu['matmul_dtype']}): {mfu['peak_matmul_flops'] / 1e12:.2f} TFLOP/s; "
                  f"plain FT achieved {mfu['achieved_flops'] / 1e12:.3f} TFLOP/s")

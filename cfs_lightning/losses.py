@@ -20,8 +20,10 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
         labels: (B, T) token ids, IGNORE_INDEX where no loss is taken. Position t's logits
             predict labels[t + 1], so labels[:, 0] is never a target.
     """
-    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-    targets = labels[:, 1:]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    # Shift the labels, not the logits: logits[:, :-1] is not contiguous, and flattening it
+    # would copy the whole (B, T, V) tensor. The last position gets no target instead.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     total = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
         ignore_index=IGNORE_INDEX, reduction="sum",

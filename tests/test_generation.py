@@ -58,19 +58,53 @@ def test_same_seed_same_sequences_other_seed_differs(tiny_model, tiny_tokenizer)
 
 
 def test_default_sampling_is_untruncated_temperature_one(tiny_model, tiny_tokenizer):
+    from cfs_lightning.generation.sampler import InverseCDFSampler, TopKRecorder, _processors
+
+    logits = torch.randn(3, tiny_model.config.vocab_size)
+    chain = _processors(SamplingConfig(), TopKRecorder(2))
+    assert isinstance(chain[0], TopKRecorder) and isinstance(chain[-1], InverseCDFSampler)
+    assert len(chain) == 2  # no temperature, top-k or top-p step: p_base itself is sampled
+    for k, p, t in ((5, None, 1.0), (None, 0.5, 1.0), (None, None, 0.7)):
+        warped = logits
+        for step in _processors(SamplingConfig(top_k=k, top_p=p, temperature=t))[:-1]:
+            warped = step(None, warped)
+        if k:
+            assert (torch.isinf(warped).sum(-1) == logits.size(-1) - k).all()
+        if p:
+            kept = warped.isfinite()
+            assert (logits.softmax(-1) * kept).sum(-1).ge(0.5).all() and kept.sum(-1).lt(logits.size(-1)).all()
+        if t != 1.0:
+            torch.testing.assert_close(warped, logits / t)
+    # transformers adds no processor of its own: the scores generate decodes are the sampler's
+    start = torch.full((3, 1), tiny_tokenizer.bos_token_id)
+    out = tiny_model.generate(input_ids=start, attention_mask=torch.ones_like(start),
+                              generation_config=_generation_config_for_test(tiny_tokenizer),
+                              logits_processor=_processors(SamplingConfig()), output_scores=True,
+                              output_logits=True, return_dict_in_generate=True)
+    for scores, row in zip(out.scores, out.sequences[:, 1:].T, strict=True):
+        assert (scores.isfinite().sum(-1) == 1).all() and torch.equal(scores.argmax(-1), row)
+
+
+def _generation_config_for_test(tokenizer):
     from cfs_lightning.generation.sampler import _generation_config
 
-    gen = _generation_config(SamplingConfig(max_new_tokens=4), tiny_tokenizer)
-    start = torch.full((3, 1), tiny_tokenizer.bos_token_id)
-    out = tiny_model.generate(input_ids=start, attention_mask=torch.ones_like(start), generation_config=gen,
-                              output_scores=True, output_logits=True, return_dict_in_generate=True)
-    for scores, logits in zip(out.scores, out.logits, strict=True):
-        assert torch.isfinite(scores).all()  # no top-k / top-p masking
-        torch.testing.assert_close(scores, logits)  # temperature 1, nothing else applied
-    truncated = _generation_config(SamplingConfig(max_new_tokens=4, top_k=5), tiny_tokenizer)
-    out = tiny_model.generate(input_ids=start, attention_mask=torch.ones_like(start),
-                              generation_config=truncated, output_scores=True, return_dict_in_generate=True)
-    assert (torch.isinf(out.scores[0]).sum(-1) == tiny_model.config.vocab_size - 5).all()
+    return _generation_config(SamplingConfig(max_new_tokens=4), tokenizer)
+
+
+def test_inverse_cdf_sampler_draws_from_the_softmax_and_never_a_masked_token():
+    from cfs_lightning.generation.sampler import InverseCDFSampler
+
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 0.0, -1.0, float("-inf"), 1.0, float("-inf")]]).repeat(20_000, 1)
+    picked = InverseCDFSampler()(None, logits).argmax(-1)
+    freq = torch.bincount(picked, minlength=6).double() / picked.numel()
+    expected = logits[0].double().softmax(-1)
+    assert freq[3] == 0 and freq[5] == 0
+    # 20k draws: each frequency within 4 standard errors of its probability
+    assert ((freq - expected).abs() <= 4 * (expected * (1 - expected) / picked.numel()).sqrt() + 1e-12).all()
+    one_hot = torch.full((4, 6), float("-inf"))
+    one_hot[torch.arange(4), torch.tensor([0, 5, 2, 3])] = 3.0
+    assert InverseCDFSampler()(None, one_hot).argmax(-1).tolist() == [0, 5, 2, 3]
 
 
 def test_token_budget_is_exact(tiny_model, tiny_tokenizer):

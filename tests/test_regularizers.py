@@ -57,6 +57,22 @@ def test_forward_reverse_and_jsd_match_their_definitions(temperature):
     torch.testing.assert_close(token_divergence(logits, ref, beta=0.5), token_divergence(ref, logits, beta=0.5))
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_forward_kl_gradient_matches_autograd_of_the_definition(temperature):
+    logits, ref = _dists()
+    logits.requires_grad_(True)
+    weights = torch.rand(logits.shape[:-1], dtype=torch.float64)
+    fused = token_divergence(logits, ref, temperature=temperature)
+    (grad,) = torch.autograd.grad((fused * weights).sum(), logits)
+    logq, logp = (logits / temperature).log_softmax(-1), (ref / temperature).log_softmax(-1)
+    plain = (logp.exp() * (logp - logq)).sum(-1)
+    (expected,) = torch.autograd.grad((plain * weights).sum(), logits)
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: token_divergence(x, ref[:1, :2], temperature=temperature),
+                                    (logits.detach()[:1, :2].clone().requires_grad_(True),))
+
+
 @pytest.mark.parametrize("kw", [{"direction": "forward"}, {"direction": "reverse"}, {"beta": 0.3}])
 def test_divergence_is_nonnegative_and_zero_for_identical_models(kw):
     logits, ref = _dists(1)
@@ -169,9 +185,10 @@ class Holder(nn.Module):
         self.model[1].bias.requires_grad_(False)  # frozen: not regularized
 
 
-def test_l2_to_init_is_the_squared_distance_over_trainable_weights():
+@pytest.mark.parametrize("offload", [False, True])  # fused (foreach) and per-parameter paths
+def test_l2_to_init_is_the_squared_distance_over_trainable_weights(offload):
     module = Holder()
-    reg = L2ToInit(offload=True)
+    reg = L2ToInit(offload=offload)
     reg.setup(module)
     initial = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     assert reg({}, {}).item() == 0
@@ -182,9 +199,12 @@ def test_l2_to_init_is_the_squared_distance_over_trainable_weights():
     expected = sum(((p.detach() - initial[n]) ** 2).sum() for n, p in module.model.named_parameters()
                    if p.requires_grad)
     assert term.item() == pytest.approx(expected.item(), rel=1e-12)
-    term.backward()
-    w = module.model[0].weight
-    torch.testing.assert_close(w.grad, 2 * (w.detach() - initial["0.weight"]))
+    (3 * term).backward()
+    for name, p in module.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, 6 * (p.detach() - initial[name]))
+        else:
+            assert p.grad is None
 
 
 def test_ema_follows_the_recurrence_and_swaps_exactly():

@@ -72,7 +72,9 @@ def test_self_output_keeps_verified_samples_and_falls_back_to_the_reference(tmp_
     task = _task(tiny_task_files, max_length=256)
     records = list(task.load(task.split))
     verifier = AcceptFirstRecords([r["question"] for r in records[:3]])
-    cfg = SamplingConfig(temperature=0.7, top_p=0.95, max_new_tokens=16, batch_size=8, seed=3)
+    # A seed under which at least two of the three accepted questions get a usable sample, so
+    # both the verified and the fallback path are exercised.
+    cfg = SamplingConfig(temperature=0.7, top_p=0.95, max_new_tokens=16, batch_size=8, seed=5)
     manifest = self_generated_targets(eos_model, tiny_tokenizer, task, verifier, tmp_path / "a", cfg, num_samples=4)
     stats = manifest["stats"]
     assert manifest["source"] == "self_output" and manifest["num_samples"] == 4

@@ -68,11 +68,11 @@ class EMA(Regularizer):
         self._steps += 1
         if self._steps % self.update_every:
             return
-        for i, p in enumerate(self.params):
-            live = local_shard(p.detach())
-            if self.average[i].device != live.device:  # the model was placed after setup
-                self.average[i] = self.average[i].to(live.device)
-            self.average[i].lerp_(live.to(self.average[i].dtype), 1 - self.decay)
+        live = [local_shard(p.detach()) for p in self.params]
+        if self.average and self.average[0].device != live[0].device:  # the model was placed after setup
+            self.average = [a.to(p.device) for a, p in zip(self.average, live, strict=True)]
+        live = [p if p.dtype == a.dtype else p.to(a.dtype) for p, a in zip(live, self.average, strict=True)]
+        torch._foreach_lerp_(self.average, live, 1 - self.decay)  # one fused update for all tensors
         self.num_updates += 1
 
     @torch.no_grad()

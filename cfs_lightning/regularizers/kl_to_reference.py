@@ -16,6 +16,29 @@ def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
+class _ForwardKL(torch.autograd.Function):
+    """KL(softmax(ref_logits) || softmax(logits)) per position, with a hand-written backward.
+
+    Autograd through `_kl` holds five (..., V) tensors at once (both log-softmaxes, p, the
+    difference and the product) and replays each op backwards. Here the forward holds two (log p,
+    reused in place, and p) and keeps p and the log-normaliser of `logits`; the backward is
+    d KL / d logits = softmax(logits) - p, formed in one buffer. No gradient reaches ref_logits.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+        lse = logits.logsumexp(-1, keepdim=True)
+        logp = ref_logits.log_softmax(-1)
+        p = logp.exp()
+        ctx.save_for_backward(logits, lse, p)
+        return logp.sub_(logits).add_(lse).mul_(p).sum(-1)  # sum p (log p - log q)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, lse, p = ctx.saved_tensors
+        return (logits - lse).exp_().sub_(p).mul_(grad.unsqueeze(-1)), None
+
+
 def token_divergence(
     logits: torch.Tensor,
     ref_logits: torch.Tensor,
@@ -44,8 +67,13 @@ def token_divergence(
         (...) divergence per position.
     """
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    logq = (logits.to(dtype) / temperature).log_softmax(-1)  # trainable
-    logp = (ref_logits.to(dtype) / temperature).log_softmax(-1)  # reference
+    logits, ref_logits = logits.to(dtype), ref_logits.to(dtype)
+    if temperature != 1.0:
+        logits, ref_logits = logits / temperature, ref_logits / temperature
+    if (beta == 0 or (beta is None and direction == "forward")) and not ref_logits.requires_grad:
+        return _ForwardKL.apply(logits, ref_logits)
+    logq = logits.log_softmax(-1)  # trainable
+    logp = ref_logits.log_softmax(-1)  # reference
     if beta is None:
         return _kl(logp, logq) if direction == "forward" else _kl(logq, logp)
     if beta == 0:
@@ -67,9 +95,10 @@ class KLToReference(Regularizer):
     Memory: the trainable model's (B, T, V) logits are already held for the losses; the
     reference contributes its (B, T, H) final hidden states, and the divergence is formed
     `chunk_size` positions at a time under activation checkpointing: the reference's head is
-    applied to one chunk, so the peak extra memory is about 4 x B x chunk_size x V float32 values
-    (reference logits, both log-softmaxes, one product), in the forward and again when the chunk
-    is recomputed in the backward pass; the (B, T, V) float32 reference logits never exist.
+    applied to one chunk, so the peak extra memory is about 3 x B x chunk_size x V float32 values
+    for the forward KL (reference logits, log p_ref and p_ref; `_ForwardKL`; 5 for the reverse KL
+    and the JSD), in the forward and again when the chunk is recomputed in the backward pass;
+    the (B, T, V) float32 reference logits never exist.
     """
 
     needs_reference = True
