@@ -66,7 +66,7 @@ class EMA(Regularizer):
     @torch.no_grad()
     def on_after_optimizer_step(self, module) -> None:
         self._steps += 1
-        if self._steps % self.update_every:
+        if self._steps % self.update_every or not self.params:
             return
         live = [local_shard(p.detach()) for p in self.params]
         if self.average and self.average[0].device != live[0].device:  # the model was placed after setup
