@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import statistics
 import time
@@ -159,13 +160,19 @@ class _Mallinfo2(ctypes.Structure):
         "fordblks", "keepcost")]
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _Mallinfo2
+    return libc
+
+
 def heap_in_use() -> int:
     """Bytes malloc has handed out and not taken back (small blocks plus mmapped large ones):
     glibc serves torch's CPU tensors from it. The resident set size would also count freed but
-    cached pages, which is too noisy to compare peaks with."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _Mallinfo2
-    info = libc.mallinfo2()
+    cached pages, which is too noisy to compare peaks with. Called after every aten op while
+    tracking a peak, so glibc is opened once."""
+    info = _libc().mallinfo2()
     return info.uordblks + info.hblkhd
 
 

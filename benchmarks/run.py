@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -86,7 +87,8 @@ def main() -> None:
     gen_ids = torch.Generator().manual_seed(1)
     task = task_batch(setting.batch_size, setting.seq_len, vocab, gen_ids)
     replay_ids = torch.randint(3, vocab, (setting.replay_batch_size, setting.seq_len), generator=gen_ids)
-    both = {"task": task, "replay": topk_replay(model_dir, replay_ids)}
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()  # CPU, float32: top-k and replay
+    both = {"task": task, "replay": topk_replay(base, replay_ids)}
 
     extra = {}
     if not args.no_trl:
@@ -101,8 +103,7 @@ def main() -> None:
     mfu, raw["mfu"] = mfu_figure(setting, model_dir, times)
     figures.append(mfu)
 
-    tok = _tokenizer(model_dir)
-    generate_replay(_model(model_dir), tok, work / "replay",
+    generate_replay(base, AutoTokenizer.from_pretrained(model_dir), work / "replay",
                     SamplingConfig(max_new_tokens=setting.seq_len - 1, batch_size=args.gen_batch),
                     Budget(sequences=2 * args.gen_batch))
     loader, raw["loader"] = loader_figure(setting, model_dir, work / "replay", times)
@@ -117,16 +118,6 @@ def main() -> None:
     out.write_text(json.dumps(report, indent=1))
     print(table(report))
     print(f"\nwritten to {out} ({report['wall_seconds']:.0f} s)")
-
-
-def _tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
-def _model(model_dir: Path):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(model_dir)
 
 
 def _machine() -> dict:

@@ -116,7 +116,7 @@ def loader_figure(setting: Setting, model_dir: Path, replay_dir: Path, times: di
                                                                                  strict=False))
     dm.setup("fit")
     loader = dm.train_dataloader()
-    iter(loader)
+    iter(loader)  # a CombinedLoader knows its length only once iterated
     n = min(200, len(loader))
     rates = []
     for _ in range(setting.repeats):
@@ -152,10 +152,8 @@ def memory_figures(setting: Setting, model_dir: Path, both: dict[str, dict]) -> 
     return figures, {f"peak bytes: {k}": v for k, v in peaks.items()}
 
 
-def topk_replay(model_dir: Path, replay_ids: torch.Tensor, k: int = 20) -> dict[str, torch.Tensor]:
+def topk_replay(model: torch.nn.Module, replay_ids: torch.Tensor, k: int = 20) -> dict[str, torch.Tensor]:
     """A replay batch of the given rows with the base model's cached top-k, as the shards hold it."""
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():
         top = model(replay_ids).logits.float().log_softmax(-1).topk(k, dim=-1)
     return {"input_ids": replay_ids, "attention_mask": torch.ones_like(replay_ids), "labels": replay_ids.clone(),
