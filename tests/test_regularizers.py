@@ -239,3 +239,12 @@ def test_ema_follows_the_recurrence_and_swaps_exactly():
     keep.on_after_optimizer_step(module)
     keep.on_train_end(module)
     assert torch.equal(w.detach(), before + 1.0)
+
+
+def test_ema_with_nothing_trainable_updates_nothing():
+    module = Holder()
+    module.model.requires_grad_(False)
+    ema = EMA(decay=0.9)
+    ema.setup(module)
+    ema.on_after_optimizer_step(module)  # an empty fused update would raise
+    assert ema.average == [] and ema.num_updates == 0
