@@ -113,6 +113,27 @@ def test_validation_loaders_name_their_stream(tiny_model_dir, tiny_task_files, t
     assert sum(b["replay"]["input_ids"].size(0) for b in replay_loader) == 10
 
 
+def test_val_dir_measures_replay_nll_on_another_set_and_trains_on_all_of_dir(
+        tmp_path, tiny_model_dir, tiny_task_files, tiny_replay_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cfs_lightning.generation import Budget, SamplingConfig, generate_replay, load_shards
+
+    held_out = tmp_path / "held_out"
+    generate_replay(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                    AutoTokenizer.from_pretrained(tiny_model_dir), held_out,
+                    SamplingConfig(max_new_tokens=12, batch_size=8, seed=1), Budget(sequences=12))
+    dm = ReplayDataModule(_source(tiny_task_files, val_split="test"), tokenizer=str(tiny_model_dir),
+                          replay_ratio=0.5,
+                          replay=ReplayConfig(dir=str(tiny_replay_dir), val_size=10, val_dir=str(held_out)))
+    dm.setup("fit")
+    rows = lambda d: [tuple(r) for r in d["input_ids"]]  # noqa: E731
+    assert rows(dm.datasets["replay_train"]) == rows(load_shards(tiny_replay_dir))  # nothing held out
+    assert rows(dm.datasets["replay_val"]) == rows(load_shards(held_out))[-10:]
+    _, replay_loader = dm.val_dataloader()
+    assert sum(b["replay"]["input_ids"].size(0) for b in replay_loader) == 10
+
+
 def test_shards_of_another_tokenizer_are_refused(tmp_path, tiny_task_files, tiny_replay_dir):
     from cfs_lightning.toy.init_model import init_model
 

@@ -152,25 +152,34 @@ class ReplayDataModule(L.LightningDataModule):
     def _setup_replay(self, tok: PreTrainedTokenizerBase, check_model: bool) -> None:
         # The model is compared only before fitting, when it still holds the base weights;
         # validate/test evaluate fine-tuned models on purpose.
-        manifest = read_manifest(self.replay.dir)
+        replay = self._read_replay("dir", self.replay.dir, tok, check_model)
+        if self.replay.val_dir is not None:
+            held_out = self._read_replay("val_dir", self.replay.val_dir, tok, check_model)
+            n_val = min(self.replay.val_size, len(held_out))
+            self.datasets["replay_train"] = replay
+        else:
+            held_out, n_val = replay, min(self.replay.val_size, len(replay))
+            if self.replay_ratio > 0 and n_val == len(replay):
+                raise ValueError(
+                    f"replay.val_size={self.replay.val_size} holds out all {len(replay)} replay "
+                    "sequences, leaving none to train on; lower replay.val_size or generate more"
+                )
+            self.datasets["replay_train"] = replay.select(range(len(replay) - n_val))
+        if n_val:
+            self.datasets["replay_val"] = held_out.select(range(len(held_out) - n_val, len(held_out)))
+
+    def _read_replay(self, field: str, path: str, tok: PreTrainedTokenizerBase, check_model: bool):
+        manifest = read_manifest(path)
         if manifest.get("source") in TASK_SOURCES:
             raise ValueError(
-                f"data.replay.dir={self.replay.dir} holds {manifest['source']!r} task data, which "
+                f"data.replay.{field}={path} holds {manifest['source']!r} task data, which "
                 "replaces the task's targets: give it as data.task.shards instead"
             )
         check_manifest(manifest, tok, self._base_model() if check_model else None,
-                       where=f"replay shards in {self.replay.dir}")
-        replay = load_shards(self.replay.dir)
-        check_rows(replay, len(tok), f"replay shards in {self.replay.dir}")
-        n_val = min(self.replay.val_size, len(replay))
-        if self.replay_ratio > 0 and n_val == len(replay):
-            raise ValueError(
-                f"replay.val_size={self.replay.val_size} holds out all {len(replay)} replay "
-                "sequences, leaving none to train on; lower replay.val_size or generate more"
-            )
-        self.datasets["replay_train"] = replay.select(range(len(replay) - n_val))
-        if n_val:
-            self.datasets["replay_val"] = replay.select(range(len(replay) - n_val, len(replay)))
+                       where=f"replay shards in {path}")
+        rows = load_shards(path)
+        check_rows(rows, len(tok), f"replay shards in {path}")
+        return rows
 
     # -- loaders ---------------------------------------------------------------------------------
 

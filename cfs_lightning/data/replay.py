@@ -29,6 +29,10 @@ class ReplayConfig:
     """Replay directory written by `cfs generate` (Arrow shards + manifest.json)."""
     val_size: int = 256
     """Sequences held out from the end of the replay set for `val/replay_nll`; 0: none."""
+    val_dir: str | None = None
+    """Another replay directory to measure `val/replay_nll` on: its last `val_size` sequences,
+    and nothing is held out of `dir`. Give every run the same context-free set here to compare
+    the drift of runs trained on different replay sources (contextual, real text, dialogue)."""
     strict: bool = True
     """Refuse shards whose manifest names another base model than the one being fine-tuned
     (a different tokenizer is always refused)."""
