@@ -1,6 +1,6 @@
 """The `cfs` command: `fit|validate|test` (LightningCLI), the data-side commands of
 `commands.py` (`generate`, `contextual`, `corpus`, `dialogue`, `self-output`, `rephrase`,
-`token-mask`), `continual`, `interpolate`, `init`, `demo`.
+`token-mask`), `continual`, `interpolate`, `report`, `study`, `init`, `demo`.
 
 Every command takes `--config X.yaml`, dotted overrides (`--a.b=c`), `--help` and
 `--print_config`.
@@ -38,6 +38,8 @@ commands:
   continual               fine-tune on a sequence of tasks; report average score and BWT
   interpolate             WiSE-FT: evaluate weight interpolations of a base and a fine-tuned model
   init                    train a BPE tokenizer and write a randomly initialised model
+  report                  tables and plots comparing runs, from their logs
+  study                   fit a list of methods x seeds on one base model and task, then report
   demo                    the toy-world comparison: base, plain fine-tuning, CFS replay
 """
 
@@ -104,6 +106,28 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> CFSCLI:
     )
 
 
+def run_command(fn, config: str, overrides: dict) -> object:
+    """Run a jsonargparse command function (`cfs generate`, `cfs init`, ...) with its YAML config
+    and some fields replaced (`{"output_dir": ...}`; dotted keys reach nested fields)."""
+    args = ["--config", config] + [f"--{k}={v}" for k, v in overrides.items()]
+    return CLI(fn, args=args, as_positional=False)
+
+
+def run_fit(configs: list[str], overrides: list[str]):
+    """`cfs fit --config C1 --config C2 ... overrides` in this process; returns its `RetainedEval`."""
+    from .callbacks import RetainedEval
+
+    args = ["fit"]
+    for c in configs:
+        args += ["--config", c]
+    cli = run_cli(args + overrides)
+    evals = [cb for cb in cli.trainer.callbacks if isinstance(cb, RetainedEval)]
+    if not evals:
+        raise ValueError(f"{configs} configure no RetainedEval callback; retained and downstream "
+                         "scores come from it (add it to trainer.callbacks)")
+    return evals[0]
+
+
 def main(argv: list[str] | None = None) -> None:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -125,6 +149,14 @@ def main(argv: list[str] | None = None) -> None:
         from .toy.init_model import init_model
 
         CLI(init_model, args=rest, as_positional=False)
+    elif command == "report":
+        from .report import report
+
+        CLI(report, args=rest, as_positional=False)
+    elif command == "study":
+        from .study import study
+
+        CLI(study, args=rest, as_positional=False)
     elif command == "demo":
         from .toy.demo import run_demo
 

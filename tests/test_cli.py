@@ -26,7 +26,7 @@ FUNCTION_CONFIGS = {"configs/toy/init.yaml": "init", "configs/toy/generate.yaml"
                     "configs/toy/generate-rephrase.yaml": "rephrase",
                     "configs/toy/generate-token-mask.yaml": "token-mask",
                     "configs/toy/generate-dialogue.yaml": "dialogue",
-                    "configs/toy/continual.yaml": "continual"}
+                    "configs/toy/continual.yaml": "continual", "configs/toy/study.yaml": "study"}
 TASK_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/tasks").glob("*.yaml"))
 
 

@@ -9,24 +9,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jsonargparse import CLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..callbacks import RetainedEval
-from ..cli import run_cli
+from ..cli import run_cli, run_command, run_fit
 from ..commands import generate
 from .init_model import init_model
 
 
-def _fit(configs: list[str], overrides: list[str]) -> RetainedEval:
-    args = ["fit"]
-    for c in configs:
-        args += ["--config", c]
-    cli = run_cli(args + overrides)
-    evals = [cb for cb in cli.trainer.callbacks if isinstance(cb, RetainedEval)]
-    if not evals:
-        raise ValueError(f"{configs} configure no RetainedEval callback; the demo needs its scores")
-    return evals[0]
+def build_base(base_dir: str | Path, init_config: str = "configs/toy/init.yaml",
+               pretrain_config: str = "configs/toy/pretrain.yaml") -> Path:
+    """The toy base model: `cfs init` (tokenizer + random model) then `cfs fit` pretraining, with
+    the intermediate folders (`init/`, `pretrain/`) beside `base_dir`."""
+    base_dir = Path(base_dir)
+    rank_zero_info(f"[toy] building the toy base model in {base_dir}")
+    init_dir = base_dir.parent / "init"
+    run_command(init_model, init_config, {"output_dir": str(init_dir), "overwrite": True})
+    run_cli(["fit", "--config", pretrain_config, f"--model.init_args.pretrained={init_dir}",
+             f"--trainer.logger.init_args.save_dir={base_dir.parent / 'pretrain'}",
+             f"--export.dirpath={base_dir}"])
+    return base_dir
 
 
 def _score(history: dict, key: str) -> float:
@@ -95,24 +96,18 @@ def run_demo(
         rebuild: Rebuild the base model and the replay shards even if present.
     """
     out = Path(output_dir)
-    init_dir, base_dir, replay_dir = out / "init", out / "base", out / "cfs_replay"
+    base_dir, replay_dir = out / "base", out / "cfs_replay"
     if rebuild or not (base_dir / "config.json").is_file():
-        rank_zero_info(f"[demo] building the toy base model in {base_dir}")
-        _run_jsonargparse(init_model, init_config,
-                          {"output_dir": str(init_dir), "overwrite": True})
-        run_cli(["fit", "--config", pretrain_config,
-                 f"--model.init_args.pretrained={init_dir}",
-                 f"--trainer.logger.init_args.save_dir={out / 'pretrain'}",
-                 f"--export.dirpath={base_dir}"])
+        build_base(base_dir, init_config, pretrain_config)
     if rebuild or not (replay_dir / "manifest.json").is_file():
         rank_zero_info(f"[demo] generating CFS replay in {replay_dir}")
-        _run_jsonargparse(generate, generate_config,
-                          {"model": str(base_dir), "output_dir": str(replay_dir), "overwrite": True})
+        run_command(generate, generate_config,
+                    {"model": str(base_dir), "output_dir": str(replay_dir), "overwrite": True})
     common = [f"--model.init_args.pretrained={base_dir}",
               f"--data.init_args.replay.dir={replay_dir}"]
-    plain = _fit([finetune_config, plain_overlay], common + [
+    plain = run_fit([finetune_config, plain_overlay], common + [
         f"--trainer.logger.init_args.save_dir={out / 'ft'}", f"--export.dirpath={out / 'ft/hf_model'}"])
-    cfs = _fit([finetune_config], common + [
+    cfs = run_fit([finetune_config], common + [
         f"--trainer.logger.init_args.save_dir={out / 'cfs'}", f"--export.dirpath={out / 'cfs/hf_model'}"])
     summary = summarize(cfs.history[0], plain.history[-1], cfs.history[-1],
                         retained_metric, downstream_metric)
@@ -121,9 +116,3 @@ def run_demo(
     (out / "results.md").write_text(table)
     print(table)
     return summary
-
-
-def _run_jsonargparse(fn, config: str, overrides: dict) -> object:
-    """Call a `cfs generate`/`cfs init` function with its YAML config and some fields replaced."""
-    args = ["--config", config] + [f"--{k}={v}" for k, v in overrides.items()]
-    return CLI(fn, args=args, as_positional=False)

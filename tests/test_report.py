@@ -1,0 +1,109 @@
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from cfs_lightning.report import find_runs, load_run, method_and_seed, report
+
+RET, DOWN = "held/bits_per_byte", "task/acc"  # retained lower-is-better, downstream higher-is-better
+
+
+def _fit_run(folder: Path, finals: list[tuple[float, float]], replay_nll: list[float], base=(2.0, 0.1),
+             json_history: bool = True) -> None:
+    """A run as RetainedEval + CSVLogger leave it: the start evaluation, then one per epoch."""
+    folder.mkdir(parents=True)
+    history, rows = [], []
+    for i, (ret, down) in enumerate([base] + finals):
+        step = 10 * i
+        entry = {"epoch": max(i - 1, 0), "step": step, f"eval/{RET}": ret, f"eval/{DOWN}": down,
+                 f"forget/{RET}": ret - base[0], f"forget/{DOWN}": -(down - base[1])}
+        history.append(entry)
+        rows.append({k: v for k, v in entry.items() if k != "epoch"})
+        if i:
+            rows.append({"epoch": i - 1, "step": step - 1, "train/loss": 1.0})
+            rows.append({"epoch": i - 1, "step": step, "val/replay_nll": replay_nll[i - 1]})
+    if json_history:
+        (folder / "retained_eval.json").write_text(json.dumps(history))
+    keys = sorted({k for r in rows for k in r})
+    with (folder / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "methods"
+    _fit_run(root / "ft" / "seed0", [(2.8, 0.5), (3.0, 0.7)], [3.0, 3.5])
+    _fit_run(root / "ft" / "seed1", [(2.8, 0.5), (3.2, 0.5)], [3.1, 3.6])
+    _fit_run(root / "cfs" / "seed0", [(2.1, 0.5), (2.2, 0.6)], [2.2, 2.3])
+    _fit_run(root / "cfs" / "seed1", [(2.1, 0.5), (2.4, 0.6)], [2.2, 2.4], json_history=False)  # CSV only
+    wise = root / "wise-ft" / "seed0"
+    wise.mkdir(parents=True)
+    sweep = [(0.0, 2.0, 0.1), (0.5, 2.3, 0.55), (0.75, 2.9, 0.58), (1.0, 3.1, 0.6)]
+    (wise / "wise_ft.json").write_text(json.dumps([{"alpha": a, RET: r, DOWN: d} for a, r, d in sweep]))
+    return root
+
+
+def test_runs_are_found_and_grouped_by_method_and_seed(runs, tmp_path):
+    found = find_runs([str(runs)])
+    assert [method_and_seed(p) for p in found] == [
+        ("cfs", "seed0"), ("cfs", "seed1"), ("ft", "seed0"), ("ft", "seed1"), ("wise-ft", "seed0")]
+    assert method_and_seed(tmp_path / "lora" / "lightning_logs" / "version_3") == ("lora", "version_3")
+    csv_only = load_run(runs / "cfs" / "seed1")  # epochs read from the training rows' epoch column
+    assert csv_only.epochs == [0.0, 1.0, 2.0]
+    assert [e[RET] for e in csv_only.evals] == [2.0, 2.1, 2.4]
+    assert csv_only.curves["val/replay_nll"] == [(1.0, 2.2), (2.0, 2.4)]
+
+
+def test_table_means_ratios_and_best_alpha(runs, tmp_path):
+    s = report([str(runs)], RET, DOWN, output_dir=str(tmp_path / "out"), baseline="ft")
+    assert s["higher_is_better"] == {RET: False, DOWN: True}  # read from the forget/ signs
+    ft, cfs, wise = (s["methods"][m] for m in ("ft", "cfs", "wise-ft"))
+    assert ft["retained"] == pytest.approx(3.1) and ft["retained_std"] == pytest.approx(math.sqrt(0.02))
+    assert ft["downstream"] == pytest.approx(0.6)
+    # forgetting recovered per seed against the ft mean (F_ft = 1.1): (1.1 - 0.2)/1.1, (1.1 - 0.4)/1.1
+    assert cfs["forgetting_recovered"] == pytest.approx((0.9 / 1.1 + 0.7 / 1.1) / 2)
+    assert cfs["gain_kept"] == pytest.approx(1.0)  # (0.6 - 0.1) / (0.6 - 0.1)
+    assert ft["forgetting_recovered"] == pytest.approx(0.0)
+    # alpha 0.5 recovers (3.1-2.3)/1.1 = 0.73 and keeps 0.45/0.5 = 0.9: more than 0.75 (0.18 + 0.96)
+    assert wise["alpha"] == [0.5] and wise["retained"] == pytest.approx(2.3)
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| cfs | 2 | 2.3000 ± 0.1414 | 0.6000 |" in table and "wise-ft (α = 0.5)" in table
+    assert "| base model | - | 2.0000 | 0.1000 |" in table
+    for name in ("tradeoff.png", "curves.png", "recovered.png"):
+        data = (tmp_path / "out" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+        assert f"({name})" in table
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["methods"]["cfs"]["seeds"] == 2
+
+
+def test_tensorboard_logs_are_read(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder = tmp_path / "tb" / "lightning_logs" / "version_0"
+    writer = SummaryWriter(str(folder))
+    for step, ret, down in ((0, 2.0, 0.1), (20, 2.5, 0.4)):
+        writer.add_scalar(f"eval/{RET}", ret, step)
+        writer.add_scalar(f"eval/{DOWN}", down, step)
+        writer.add_scalar(f"forget/{RET}", ret - 2.0, step)
+    writer.add_scalar("epoch", 0, 19)
+    writer.add_scalar("val/replay_nll", 3.3, 20)
+    writer.close()
+    run = load_run(find_runs([str(tmp_path / "tb")])[0])
+    assert run.method == "tb" and run.epochs == [0.0, 1.0]
+    assert run.evals[-1] == pytest.approx({RET: 2.5, DOWN: 0.4})
+    assert run.curves["val/replay_nll"] == [(1.0, pytest.approx(3.3))]
+
+
+def test_bad_input_is_named(runs, tmp_path):
+    with pytest.raises(ValueError, match="baseline method 'plain' is not among the runs"):
+        report([str(runs)], RET, DOWN, output_dir=str(tmp_path / "o1"), baseline="plain")
+    with pytest.raises(KeyError, match="logged no 'task/f1'"):
+        report([str(runs)], RET, "task/f1", output_dir=str(tmp_path / "o2"), higher_is_better=["task/f1"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no run logs in or under"):
+        report([str(tmp_path / "empty")], RET, DOWN, output_dir=str(tmp_path / "o3"))
+    assert not (tmp_path / "o1").exists() or not any((tmp_path / "o1").iterdir())

@@ -1,0 +1,83 @@
+import json
+import shutil
+
+import pytest
+import yaml
+
+import cfs_lightning.cli
+from cfs_lightning.study import DataStep, Method, WiseFT, study
+
+from .conftest import REPO
+
+TASKS = [str(REPO / "configs/tasks/shakespeare_heldout.yaml"), str(REPO / "configs/tasks/gsm8k_answers.yaml")]
+RET, DOWN = "shakespeare_heldout/bits_per_byte", "gsm8k_answers/bits_per_byte"
+
+
+def _study(tiny_model_dir, out, **kw):
+    return study(
+        base=str(tiny_model_dir), fit_config="configs/toy/finetune.yaml", retained=RET, downstream=DOWN,
+        output_dir=str(out), seeds=[0, 1],
+        fit_args=["--data.init_args.task.split=train[:24]", "--data.init_args.task.val_split=test[:4]",
+                  "--data.init_args.batch_size=4", "--trainer.max_epochs=2",
+                  "--trainer.callbacks.init_args.limit=4", "--trainer.callbacks.init_args.batch_size=4",
+                  "--data.init_args.replay.dir={data.cfs}", "--data.init_args.replay.val_size=8"],
+        data=[DataStep("cfs", "generate", "configs/toy/generate.yaml",
+                       {"budget.sequences": 20, "sampling.max_new_tokens": 8, "sampling.batch_size": 10,
+                        "store_topk": 0})],
+        methods=[Method("ft", ["configs/toy/ft.yaml"]), Method("cfs", ["configs/toy/cfs-nll.yaml"], seeds=[0])],
+        wise_ft=WiseFT(TASKS, alphas=[0.0, 0.5, 1.0], batch_size=4, limit=4), **kw)
+
+
+def test_study_fits_every_method_and_seed_reports_and_resumes(tmp_path, monkeypatch, tiny_model_dir):
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "study"
+    calls = []
+    real_fit = cfs_lightning.cli.run_fit
+    monkeypatch.setattr(cfs_lightning.cli, "run_fit", lambda *a: calls.append(a) or real_fit(*a))
+    summary = _study(tiny_model_dir, out)
+    assert len(calls) == 3  # ft x 2 seeds, cfs x 1 seed
+    runs = out / "methods"
+    for run in ("ft/seed0", "ft/seed1", "cfs/seed0"):
+        history = json.loads((runs / run / "retained_eval.json").read_text())
+        assert [h["step"] for h in history] == [0, 6, 12]  # the start, then 2 epochs of 6 steps
+        assert (runs / run / "hf_model" / "config.json").is_file()
+    assert (runs / "wise-ft" / "seed1" / "wise_ft.json").is_file()
+    assert not (runs / "cfs" / "seed1").exists()
+    seeds = [json.loads((runs / f"ft/seed{k}/retained_eval.json").read_text())[-1][f"eval/{DOWN}"] for k in (0, 1)]
+    assert seeds[0] != seeds[1]  # the seed reaches the data order
+    assert summary["methods"]["ft"]["seeds"] == 2 and summary["methods"]["cfs"]["seeds"] == 1
+    assert summary["methods"]["wise-ft"]["alpha"][0] in (0.0, 0.5, 1.0)
+    table = (out / "report" / "results.md").read_text()
+    assert "| ft | 2 |" in table and "| cfs | 1 |" in table and (out / "report" / "tradeoff.png").is_file()
+
+    # a rerun skips everything; an interrupted fit (no study.json) is redone from the start
+    (runs / "ft" / "seed1" / "study.json").unlink()
+    (runs / "ft" / "seed1" / "stale.txt").write_text("left by the killed run")
+    shutil.rmtree(runs / "wise-ft" / "seed0")
+    calls.clear()
+    again = _study(tiny_model_dir, out)
+    assert [c[1][1] for c in calls] == ["--seed_everything=1"]
+    assert not (runs / "ft" / "seed1" / "stale.txt").exists()
+    assert (runs / "wise-ft" / "seed0" / "wise_ft.json").is_file()
+    assert again["methods"]["cfs"] == summary["methods"]["cfs"]
+
+
+def test_study_config_errors_are_named_before_anything_runs(tmp_path, monkeypatch, tiny_model_dir):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(KeyError, match=r"method ft: unknown placeholder \{data.nope\}"):
+        study(str(tiny_model_dir), "configs/toy/finetune.yaml", [Method("ft", args=["--x={data.nope}"])],
+              RET, DOWN, output_dir=str(tmp_path / "s"))
+    with pytest.raises(ValueError, match="baseline='ft' is not one of the methods"):
+        study(str(tiny_model_dir), "configs/toy/finetune.yaml", [Method("plain")], RET, DOWN,
+              output_dir=str(tmp_path / "s"))
+    assert not (tmp_path / "s").exists()
+
+
+def test_shipped_study_covers_every_method_of_the_comparison():
+    config = yaml.safe_load((REPO / "configs/toy/study.yaml").read_text())
+    assert [m["name"] for m in config["methods"]] == [
+        "ft", "lora", "l2", "ema", "cs", "real-replay", "cfs-nll-10", "cfs-nll-100", "cfs-kl", "cfs-kl-topk",
+        "stm", "self-output", "self-dialogue"]
+    assert config["wise_ft"]["finetuned"] == "ft" and config["seeds"] == [0, 1, 2]
+    budgets = {d["name"]: d["args"].get("budget.sequences") for d in config["data"]}
+    assert budgets["cfs_10"] * 10 == budgets["cfs_100"] == 640  # 10% and 100% of train[:640]
