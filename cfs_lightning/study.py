@@ -185,10 +185,19 @@ def _method(methods: list[Method], name: str) -> Method:
     return next(m for m in methods if m.name == name)
 
 
-def _finished(run: Path) -> float | None:
-    """Minutes a finished run took (from its `study.json`); None when it did not finish."""
+def _finished(run: Path, **record) -> float | None:
+    """Minutes a finished run took (from its `study.json`); None when it did not finish. A run
+    finished with other settings than `record` is refused, not mixed into the report."""
     done = run / "study.json"
-    return json.loads(done.read_text())["minutes"] if done.is_file() else None
+    if not done.is_file():
+        return None
+    saved = json.loads(done.read_text())
+    changed = [k for k, v in record.items() if saved.get(k) != v]
+    if changed:
+        raise ValueError(f"study: {run} was finished with other settings ({', '.join(changed)}: "
+                         f"{saved.get(changed[0])!r}, now {record[changed[0]]!r}); delete that folder to "
+                         "redo it with the new settings, or give the study another output_dir")
+    return saved["minutes"]
 
 
 def _mark_done(run: Path, started: float, **record) -> float:
@@ -202,31 +211,31 @@ def _fit_once(method: Method, seed: int, base: str, fit_config: str, args: list[
     from .cli import run_fit
 
     run = folder / f"seed{seed}"
-    if (minutes := _finished(run)) is not None:
+    configs = [fit_config, *method.configs]
+    overrides = [f"--model.init_args.pretrained={base}", f"--seed_everything={seed}",
+                 f"--data.init_args.seed={seed}", *args,
+                 f"--trainer.logger.init_args.save_dir={run}", f"--export.dirpath={run / 'hf_model'}"]
+    if (minutes := _finished(run, configs=configs, args=overrides)) is not None:
         rank_zero_info(f"[study] {method.name} seed {seed}: finished earlier, skipped")
         return minutes
     if run.exists():  # an interrupted fit: start it again from nothing
         shutil.rmtree(run)
     rank_zero_info(f"[study] {method.name} seed {seed}")
     started = time.perf_counter()
-    overrides = [f"--model.init_args.pretrained={base}", f"--seed_everything={seed}",
-                 f"--data.init_args.seed={seed}", *args,
-                 f"--trainer.logger.init_args.save_dir={run}", f"--export.dirpath={run / 'hf_model'}"]
-    run_fit([fit_config, *method.configs], overrides)
+    run_fit(configs, overrides)
     gc.collect()
-    return _mark_done(run, started, method=method.name, seed=seed, configs=[fit_config, *method.configs],
-                      args=overrides)
+    return _mark_done(run, started, method=method.name, seed=seed, configs=configs, args=overrides)
 
 
 def _interpolate_once(w: WiseFT, seed: int, base: str, retained: str, downstream: str, methods: Path) -> float:
     from .wise_ft import interpolate
 
     run = methods / w.name / f"seed{seed}"
-    if (minutes := _finished(run)) is not None:
+    finetuned = methods / w.finetuned / f"seed{seed}" / "hf_model"
+    if (minutes := _finished(run, finetuned=str(finetuned), alphas=w.alphas)) is not None:
         return minutes
     started = time.perf_counter()
-    finetuned = methods / w.finetuned / f"seed{seed}" / "hf_model"
     rank_zero_info(f"[study] {w.name} seed {seed}: interpolating {base} and {finetuned}")
     interpolate(base, str(finetuned), w.tasks, retained, downstream, alphas=w.alphas, output_dir=str(run),
                 batch_size=w.batch_size, limit=w.limit, device="auto")
-    return _mark_done(run, started, method=w.name, seed=seed, finetuned=str(finetuned))
+    return _mark_done(run, started, method=w.name, seed=seed, finetuned=str(finetuned), alphas=w.alphas)

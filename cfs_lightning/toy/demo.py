@@ -17,16 +17,17 @@ from .init_model import init_model
 
 
 def build_base(base_dir: str | Path, init_config: str = "configs/toy/init.yaml",
-               pretrain_config: str = "configs/toy/pretrain.yaml") -> Path:
-    """The toy base model: `cfs init` (tokenizer + random model) then `cfs fit` pretraining, with
-    the intermediate folders (`init/`, `pretrain/`) beside `base_dir`."""
+               pretrain_config: str = "configs/toy/pretrain.yaml", pretrain_args: list[str] = ()) -> Path:
+    """The toy base model: `cfs init` (tokenizer + random model) then `cfs fit` pretraining (with
+    `pretrain_args` overrides, e.g. `--trainer.max_steps=20` for a quick one), with the
+    intermediate folders (`init/`, `pretrain/`) beside `base_dir`."""
     base_dir = Path(base_dir)
     rank_zero_info(f"[toy] building the toy base model in {base_dir}")
     init_dir = base_dir.parent / "init"
     run_command(init_model, init_config, {"output_dir": str(init_dir), "overwrite": True})
     run_cli(["fit", "--config", pretrain_config, f"--model.init_args.pretrained={init_dir}",
              f"--trainer.logger.init_args.save_dir={base_dir.parent / 'pretrain'}",
-             f"--export.dirpath={base_dir}"])
+             f"--export.dirpath={base_dir}", *pretrain_args])
     return base_dir
 
 
