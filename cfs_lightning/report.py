@@ -250,7 +250,9 @@ def summarize(runs: list[Run], retained: str, downstream: str, baseline: str | N
 def _pm(mean: float, std: float, fmt: str) -> str:
     if math.isnan(mean):
         return "-"
-    return f"{mean:{fmt}} ± {std:{fmt}}" if std else f"{mean:{fmt}}"
+    text = f"{mean:{fmt}}"
+    text = text.lstrip("-") if float(text) == 0 else text  # no "-0"
+    return f"{text} ± {std:{fmt}}" if std else text
 
 
 def to_markdown(s: dict) -> str:
@@ -265,7 +267,7 @@ def to_markdown(s: dict) -> str:
     lines = [head, "|---" * cols + "|",
              f"| base model | - | {s['base'][ret]:.4f} | {s['base'][down]:.4f} |" + (" 0 | 0 |" if cols > 4 else "")]
     for name, r in s["methods"].items():
-        label = name + (f" (α = {', '.join(f'{a:g}' for a in r['alpha'])})" if "alpha" in r else "")
+        label = name + (f" (α = {', '.join(f'{a:g}' for a in sorted(set(r['alpha'])))})" if "alpha" in r else "")
         line = (f"| {label} | {r['seeds']} | {_pm(r['retained'], r['retained_std'], '.4f')} "
                 f"| {_pm(r['downstream'], r['downstream_std'], '.4f')} |")
         if cols > 4:
@@ -291,7 +293,8 @@ def _plots(runs: list[Run], s: dict, out: Path) -> list[str]:
 
     ret, down = s["retained_metric"], s["downstream_metric"]
     names = list(s["methods"])
-    colours = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))  # tab20's strong colours first
+    colours = {n: plt.get_cmap("tab20")(order[i % 20]) for i, n in enumerate(names)}
     written = []
 
     def save(fig, name):
