@@ -265,7 +265,7 @@ def to_markdown(s: dict) -> str:
         head += " forgetting recovered | gain kept |"
         cols += 2
     lines = [head, "|---" * cols + "|",
-             f"| base model | - | {s['base'][ret]:.4f} | {s['base'][down]:.4f} |" + (" 0 | 0 |" if cols > 4 else "")]
+             f"| base model | - | {s['base'][ret]:.4f} | {s['base'][down]:.4f} |" + (" 100% | 0% |" if cols > 4 else "")]
     for name, r in s["methods"].items():
         label = name + (f" (α = {', '.join(f'{a:g}' for a in sorted(set(r['alpha'])))})" if "alpha" in r else "")
         line = (f"| {label} | {r['seeds']} | {_pm(r['retained'], r['retained_std'], '.4f')} "

@@ -72,7 +72,7 @@ def test_table_means_ratios_and_best_alpha(runs, tmp_path):
     assert wise["alpha"] == [0.5] and wise["retained"] == pytest.approx(2.3)
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| cfs | 2 | 2.3000 ± 0.1414 | 0.6000 |" in table and "wise-ft (α = 0.5)" in table
-    assert "| base model | - | 2.0000 | 0.1000 |" in table
+    assert "| base model | - | 2.0000 | 0.1000 | 100% | 0% |" in table  # no forgetting, no gain
     for name in ("tradeoff.png", "curves.png", "recovered.png"):
         data = (tmp_path / "out" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
