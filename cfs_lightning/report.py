@@ -370,7 +370,7 @@ def _plots(runs: list[Run], s: dict, out: Path) -> list[str]:
 
 
 def report(
-    runs: list[str],
+    runs: str | list[str],
     retained: str,
     downstream: str,
     output_dir: str = "report",
@@ -384,15 +384,16 @@ def report(
     over seeds) and `recovered.png` (forgetting recovered and gain kept per method).
 
     Args:
-        runs: Run folders, or folders to search for runs (e.g. a study's `methods/`). A folder
-            named `seed<k>` is one seed of the method named by its parent folder.
+        runs: A run folder, or a folder to search for runs (e.g. a study's `methods/`), or a
+            list of them (`--runs '[a, b]'`). A folder named `seed<k>` is one seed of the method
+            named by its parent folder.
         retained: `<task>/<metric>` of retained ability (as logged under `eval/`).
         downstream: `<task>/<metric>` of the downstream task.
         output_dir: Where the table, its JSON and the plots are written.
         baseline: The method everything is measured against (plain fine-tuning); null: none.
         higher_is_better: Metrics that are better higher, where the logs do not tell (no `forget/`).
     """
-    loaded = [load_run(p) for p in find_runs(runs)]
+    loaded = [load_run(p) for p in find_runs([runs] if isinstance(runs, str) else runs)]
     summary = summarize(loaded, retained, downstream, baseline, higher_is_better or [])
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -107,3 +107,16 @@ def test_bad_input_is_named(runs, tmp_path):
     with pytest.raises(FileNotFoundError, match="no run logs in or under"):
         report([str(tmp_path / "empty")], RET, DOWN, output_dir=str(tmp_path / "o3"))
     assert not (tmp_path / "o1").exists() or not any((tmp_path / "o1").iterdir())
+
+
+def test_cfs_report_command_takes_one_folder_or_a_list(runs, tmp_path):
+    from cfs_lightning.cli import main
+
+    main(["report", "--runs", str(runs), f"--retained={RET}", f"--downstream={DOWN}",
+          f"--output_dir={tmp_path / 'one'}"])
+    main(["report", "--runs", f"[{runs / 'ft'}, {runs / 'cfs'}]", f"--retained={RET}", f"--downstream={DOWN}",
+          f"--output_dir={tmp_path / 'two'}"])
+    one = json.loads((tmp_path / "one" / "results.json").read_text())["methods"]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())["methods"]
+    assert list(one) == ["cfs", "ft", "wise-ft"] and list(two) == ["ft", "cfs"]
+    assert two["cfs"] == one["cfs"]
