@@ -168,19 +168,20 @@ def _best_alpha(sweep: list[dict[str, float]], retained: str, downstream: str, s
     base, ft = by_alpha[0.0], by_alpha[1.0]
 
     def score(r):
-        return _recovered(r[retained], ft[retained], base[retained], sign[retained]) + _kept(
+        return forgetting_recovered(r[retained], ft[retained], base[retained], sign[retained]) + gain_kept(
             r[downstream], ft[downstream], base[downstream], sign[downstream])
 
     return max(sweep, key=score)
 
 
-def _recovered(ret: float, ft_ret: float, base_ret: float, sign: float) -> float:
+def forgetting_recovered(ret: float, ft_ret: float, base_ret: float, sign: float = 1.0) -> float:
     """(F_ft - F) / F_ft, with F = loss of retained score since the base (sign: +1 lower is better)."""
     forgot_ft = sign * (ft_ret - base_ret)
     return (sign * (ft_ret - ret)) / forgot_ft if forgot_ft else math.nan
 
 
-def _kept(down: float, ft_down: float, base_down: float, sign: float) -> float:
+def gain_kept(down: float, ft_down: float, base_down: float, sign: float = 1.0) -> float:
+    """G / G_ft, with G = improvement of the downstream score over the base (sign: +1 lower is better)."""
     gain_ft = sign * (base_down - ft_down)
     return (sign * (base_down - down)) / gain_ft if gain_ft else math.nan
 
@@ -237,9 +238,9 @@ def summarize(runs: list[Run], retained: str, downstream: str, baseline: str | N
             row[key], row[f"{key}_std"] = _mean_std([f[metric] for f in finals])
         if ref is not None:
             row["forgetting_recovered"], row["forgetting_recovered_std"] = _mean_std(
-                [_recovered(f[retained], ref[retained], base[retained], sign[retained]) for f in finals])
+                [forgetting_recovered(f[retained], ref[retained], base[retained], sign[retained]) for f in finals])
             row["gain_kept"], row["gain_kept_std"] = _mean_std(
-                [_kept(f[downstream], ref[downstream], base[downstream], sign[downstream]) for f in finals])
+                [gain_kept(f[downstream], ref[downstream], base[downstream], sign[downstream]) for f in finals])
         alphas = [r.alpha for r in group if r.alpha is not None]
         if alphas:
             row["alpha"] = alphas

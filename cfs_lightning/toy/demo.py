@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..cli import run_cli, run_command, run_fit
 from ..commands import generate
+from ..report import forgetting_recovered, gain_kept
 from .init_model import init_model
 
 
@@ -47,8 +48,8 @@ def summarize(base: dict, plain: dict, cfs: dict, retained: str, downstream: str
         "base": {"retained": b_ret, "downstream": b_down},
         "plain_ft": {"retained": f_ret, "downstream": f_down},
         "cfs": {"retained": c_ret, "downstream": c_down},
-        "forgetting_recovered": (f_ret - c_ret) / (f_ret - b_ret),
-        "downstream_gain_kept": (b_down - c_down) / (b_down - f_down),
+        "forgetting_recovered": forgetting_recovered(c_ret, f_ret, b_ret),
+        "downstream_gain_kept": gain_kept(c_down, f_down, b_down),
     }
 
 
