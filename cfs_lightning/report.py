@@ -209,8 +209,7 @@ def summarize(runs: list[Run], retained: str, downstream: str, baseline: str | N
                                f"{sorted(run.sweep[0])}")
             best = _best_alpha(run.sweep, retained, downstream, sign)
             run.alpha = best["alpha"]
-            run.epochs, run.evals = [0.0, math.nan], [
-                {k: v for k, v in r.items() if k != "alpha"} for r in (run.sweep[0], best)]
+            run.evals = [{k: v for k, v in r.items() if k != "alpha"} for r in (run.sweep[0], best)]
         for metric in (retained, downstream):
             if not run.evals or metric not in run.evals[-1]:
                 logged = sorted(run.evals[-1]) if run.evals else []
