@@ -120,3 +120,15 @@ def test_cfs_report_command_takes_one_folder_or_a_list(runs, tmp_path):
     two = json.loads((tmp_path / "two" / "results.json").read_text())["methods"]
     assert list(one) == ["cfs", "ft", "wise-ft"] and list(two) == ["ft", "cfs"]
     assert two["cfs"] == one["cfs"]
+
+
+def test_report_files_get_the_umask_mode_not_mkstemps_0600(runs, tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        report([str(runs)], RET, DOWN, output_dir=str(tmp_path / "out"))
+    finally:
+        os.umask(umask)
+    for name in ("results.md", "results.json", "tradeoff.png"):
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644
