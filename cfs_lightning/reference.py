@@ -20,11 +20,19 @@ class ReferenceError(ValueError):
     """A reference model was asked for that cannot be built; the message names the fix."""
 
 
+def postprocess_logits(config, logits: torch.Tensor) -> torch.Tensor:
+    """What the model's forward does to its head's output: Gemma 2's (and any model's with
+    `final_logit_softcapping`) soft-capping, cap * tanh(logits / cap)."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 class _ReferenceNet(nn.Module):
     """The reference's backbone and output head behind one `forward`.
 
     One module, so that a sharded reference gathers its root unit (embeddings, final norm, head)
-    in its own forward, also when the KL recomputes a head chunk in the backward pass.
+    in its own forward, also when the KL recomputes a head chunk in the backward pass. The head's
+    output is post-processed as the model's own forward does (`postprocess_logits`).
     """
 
     def __init__(self, causal_lm: nn.Module) -> None:
@@ -34,7 +42,7 @@ class _ReferenceNet(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 hidden: torch.Tensor | None = None) -> torch.Tensor:
         if hidden is not None:  # (B, c, H) -> (B, c, V)
-            return self.lm.get_output_embeddings()(hidden)
+            return postprocess_logits(self.lm.config, self.lm.get_output_embeddings()(hidden))
         backbone = getattr(self.lm, self.lm.base_model_prefix)
         return backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
@@ -115,18 +123,30 @@ class FrozenReference:
         shard_fsdp2(self.net, mesh, reshard_after_forward=True)
 
     def _check_head(self, causal_lm: nn.Module) -> None:
-        # Some architectures post-process logits after the head (soft-capping, scaling); the
-        # chunked head would silently differ from the model's own logits, so refuse those.
+        """Refuse an architecture whose logits the chunked head does not reproduce.
+
+        The head's output is scaled to logits of about 50 (a hook on the head, in both paths),
+        where soft-capping or a logit scale changes the values: a random model's logits are
+        near 0, where a missing post-processing step would go unnoticed.
+        """
         ids = torch.arange(4, device=next(causal_lm.parameters()).device).unsqueeze(0)
         mask = torch.ones_like(ids)
+        head = causal_lm.get_output_embeddings()
+        hidden = self.hidden_states(ids, mask)
         with self._frozen():
-            full = causal_lm(input_ids=ids, attention_mask=mask).logits
-        split = self.logits(self.hidden_states(ids, mask))
-        if not torch.allclose(full.float(), split.float(), atol=1e-4, rtol=1e-3):
+            scale = 50.0 / head(hidden).abs().amax().float().clamp_min(1e-6)
+        handle = head.register_forward_hook(lambda module, args, out: out * scale)
+        try:
+            with self._frozen():
+                full = causal_lm(input_ids=ids, attention_mask=mask).logits
+            split = self.logits(hidden)
+        finally:
+            handle.remove()
+        if not torch.allclose(full.float(), split.float(), atol=1e-3, rtol=1e-4):
             raise ReferenceError(
-                f"{type(causal_lm).__name__} transforms its logits after the output head, which "
-                "the reference's chunked head does not reproduce; this architecture is not "
-                "supported by KL regularizers"
+                f"{type(causal_lm).__name__} transforms its logits after the output head in a way "
+                "the reference's chunked head does not reproduce (cfs_lightning applies "
+                "final_logit_softcapping only); KL regularizers cannot use this architecture"
             )
 
 

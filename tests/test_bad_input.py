@@ -16,6 +16,7 @@ from cfs_lightning.commands import generate
 from cfs_lightning.data import ReplayConfig, ReplayDataModule, TaskDataError, TaskSource
 from cfs_lightning.evaluation import task_manager_for
 from cfs_lightning.generation import Budget, GenerationError, ReplayMismatchError, SamplingConfig, generate_replay
+from cfs_lightning.tokens import TokenError
 
 from .conftest import write_jsonl
 
@@ -32,7 +33,7 @@ def test_tokenizer_without_bos_and_no_start_token(tmp_path, tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(no_bos)
     tok.bos_token = None
     tok.save_pretrained(no_bos)
-    with pytest.raises(GenerationError, match=r"has no BOS token.*set `start_token` \(sampling.start_token in YAML\)"):
+    with pytest.raises(TokenError, match=r"has no BOS token.*set `start_token` \(sampling.start_token in YAML\)"):
         generate(model=str(no_bos), output_dir=str(tmp_path / "r"), budget=Budget(sequences=2), device="cpu")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["no_bos"]  # nothing written
 

@@ -17,6 +17,7 @@ from cfs_lightning.generation import (
     sample_context_free,
     tokenizer_fingerprint,
 )
+from cfs_lightning.tokens import TokenError
 
 
 def _sample(model, tok, cfg, n=None, tokens=None):
@@ -88,7 +89,7 @@ def test_default_sampling_is_untruncated_temperature_one(tiny_model, tiny_tokeni
 def _generation_config_for_test(tokenizer):
     from cfs_lightning.generation.sampler import _generation_config
 
-    return _generation_config(SamplingConfig(max_new_tokens=4), tokenizer)
+    return _generation_config(SamplingConfig(max_new_tokens=4), [tokenizer.eos_token_id], tokenizer.pad_token_id)
 
 
 def test_inverse_cdf_sampler_draws_from_the_softmax_and_never_a_masked_token():
@@ -139,12 +140,12 @@ def test_sampling_config_validation():
 def test_tokenizer_without_bos_is_refused_then_start_token_works(tiny_model, tiny_tokenizer):
     tiny_tokenizer.bos_token = None
     assert tiny_tokenizer.bos_token_id is None
-    with pytest.raises(GenerationError, match="start_token"):
+    with pytest.raises(TokenError, match="set `start_token`.*to its document separator '</s>'"):
         _sample(tiny_model, tiny_tokenizer, SamplingConfig(max_new_tokens=4), n=2)
     cfg = SamplingConfig(max_new_tokens=4, start_token="</s>", stop_at_eos=False)
     rows = _sample(tiny_model, tiny_tokenizer, cfg, n=3)
     assert [r[0] for r in rows] == [tiny_tokenizer.eos_token_id] * 3
-    with pytest.raises(GenerationError, match="not a single token"):
+    with pytest.raises(TokenError, match="not a single token"):
         _sample(tiny_model, tiny_tokenizer, SamplingConfig(start_token="<nope>"), n=1)
 
 

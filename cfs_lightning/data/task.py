@@ -16,6 +16,7 @@ import datasets
 import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
+from .chat import trained_spans
 from .collate import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,9 @@ class TaskSource:
     """Template of the response over record fields, e.g. ` {answer}`."""
     chat_template: bool = False
     """Render prompt and response as a user and an assistant turn with the tokenizer's chat
-    template (which then supplies its own BOS and end-of-turn tokens)."""
+    template (which then supplies its own BOS and end-of-turn tokens). The prompt is masked up to
+    the end of the template's generation prompt; the rest of the assistant turn is trained on
+    (Qwen3: its empty `<think>` block too, as the template writes it; `cfs_lightning.data.chat`)."""
     max_length: int = 512
     """Tokens per sequence (start token, prompt and response), at most; see `long_sequences`."""
     long_sequences: Literal["truncate", "drop", "error"] = "truncate"
@@ -201,18 +204,12 @@ class _Encoder:
         return start + prompt_ids, response_ids
 
     def _encode_chat(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
-        user = [{"role": "user", "content": prompt}]
-        head = self.tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full = self.tok.apply_chat_template(
-            user + [{"role": "assistant", "content": response}], tokenize=False
-        )
-        if not full.startswith(head):
-            raise TaskDataError(
-                f"the chat template of {self.tok.name_or_path!r} does not render the prompt as a "
-                "prefix of the conversation, so the response cannot be masked; set "
-                "task.chat_template=false and write the turns into task.prompt/task.response"
-            )
-        return (
-            self.tok.encode(head, add_special_tokens=False),
-            self.tok.encode(full[len(head):], add_special_tokens=False),
-        )
+        # The prompt is what the template renders before the assistant turn (its generation
+        # prompt); the response is the turn as the whole conversation renders it, end-of-turn included.
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        text, [(start, end)] = trained_spans(
+            self.tok, messages, ("assistant",),
+            fix="set task.chat_template=false and write the template's markers into task.prompt and "
+                "task.response (cfs_lightning adds BOS and EOS)")
+        return (self.tok.encode(text[:start], add_special_tokens=False),
+                self.tok.encode(text[start:end], add_special_tokens=False))

@@ -1,7 +1,8 @@
 """Context-free replay generation: sample from the base model, write Arrow shards + manifest."""
 
 from .generate import generate_replay
-from .sampler import Budget, GenerationError, SamplingConfig, resolve_start_token, sample_context_free
+from ..tokens import resolve_start_token
+from .sampler import Budget, GenerationError, SamplingConfig, sample_context_free
 from .shards import (
     ReplayMismatchError,
     check_manifest,

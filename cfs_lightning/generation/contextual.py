@@ -7,7 +7,7 @@ shuffled by the sampling seed, cycling when the budget asks for more sequences t
 prompts; batch b is seeded by (seed, b), so the set is reproducible.
 
 Prompts longer than `max_length - 1` tokens and continuations that end at once (an immediate
-EOS) are skipped and counted in the manifest; if every prompt is skipped it is an error.
+stop token) are skipped and counted in the manifest; if every prompt is skipped it is an error.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data.task import TaskSource
+from ..tokens import stop_token_ids
 from .sampler import Budget, GenerationError, SamplingConfig, eval_mode, sample_continuations
 from .shards import provenance
 from .writer import write_shards
@@ -71,6 +72,7 @@ def _sample(model, tokenizer, cfg: SamplingConfig, prompts: list[list[int]], max
             max_sequences: int | None, max_tokens: int | None, stats: dict) -> Iterator[list[dict]]:
     order = list(range(len(prompts)))
     random.Random(cfg.seed).shuffle(order)
+    stops = stop_token_ids(tokenizer, model)
     done_seqs = done_tokens = batch = drawn = 0
     while (max_sequences is None or done_seqs < max_sequences) and (max_tokens is None or done_tokens < max_tokens):
         want = cfg.batch_size if max_sequences is None else min(cfg.batch_size, max_sequences - done_seqs)
@@ -81,7 +83,7 @@ def _sample(model, tokenizer, cfg: SamplingConfig, prompts: list[list[int]], max
             n_prompt = rec.pop("n_prompt")
             rec["input_ids"] = rec["input_ids"][:max_length]
             n_new = len(rec["input_ids"]) - n_prompt
-            if n_new == 0 or rec["input_ids"][n_prompt:] == [tokenizer.eos_token_id]:
+            if n_new == 0 or (n_new == 1 and rec["input_ids"][-1] in stops):
                 stats["empty_continuations"] += 1
                 continue
             if max_tokens is not None:
@@ -96,6 +98,6 @@ def _sample(model, tokenizer, cfg: SamplingConfig, prompts: list[list[int]], max
         if batch > 10 and done_seqs == 0:
             raise GenerationError(
                 f"the first {drawn} continuations were all empty (the model ends every prompt at "
-                "once); check the prompt template and the tokenizer's EOS"
+                "once); check the prompt template and the stop tokens (the manifest's stop_tokens)"
             )
         yield kept

@@ -2,7 +2,8 @@
 
 The "pretraining data" baseline: when some of the original training text is at hand, replay it
 instead of sampling. Documents are tokenized in order (shuffled first with `shuffle_seed`), each
-followed by EOS, packed end to end, and cut into sequences of `max_length` tokens that each begin
+followed by the tokenizer's document separator (`cfs_lightning.tokens.document_separator`:
+`<|endoftext|>` for Qwen, whose EOS `<|im_end|>` ends a chat turn), packed end to end, and cut into sequences of `max_length` tokens that each begin
 with the start token, the same layout as context-free samples, so the same `NLLReplay` trains on
 them. The manifest records the corpus and the tokenizer (no model: the text is not sampled).
 """
@@ -17,7 +18,8 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from .sampler import Budget, GenerationError, resolve_start_token
+from ..tokens import document_separator, resolve_start_token
+from .sampler import Budget, GenerationError
 from .shards import provenance
 from .writer import write_shards
 
@@ -71,25 +73,29 @@ def corpus_replay(
     if max_length < 2:
         raise GenerationError(f"max_length must be >= 2, got {max_length}")
     start_id = resolve_start_token(tokenizer, start_token)
+    separator = document_separator(tokenizer)
     max_sequences, max_tokens = budget.resolve(task_size)
     stats = {"documents": 0, "empty_documents": 0}
     manifest = {
         **provenance(tokenizer),
         "source": "corpus",
         "corpus": asdict(corpus),
+        "start_token": tokenizer.convert_ids_to_tokens(start_id),
         "start_token_id": start_id,
+        "document_separator": separator,
         "max_length": max_length,
         "budget": {"requested": vars(budget), "task_size": task_size,
                    "max_sequences": max_sequences, "max_tokens": max_tokens},
         "corpus_stats": stats,
     }
-    chunks = _packed(corpus.load()[corpus.text_field], tokenizer, start_id, max_length, stats)
+    chunks = _packed(corpus.load()[corpus.text_field], tokenizer, start_id,
+                     tokenizer.convert_tokens_to_ids(separator), max_length, stats)
     return write_shards(output_dir, _budgeted(chunks, max_sequences, max_tokens, corpus), manifest,
                         shard_size, overwrite)
 
 
-def _packed(texts, tokenizer: PreTrainedTokenizerBase, start_id: int, max_length: int,
-            stats: dict) -> Iterator[list[int]]:
+def _packed(texts, tokenizer: PreTrainedTokenizerBase, start_id: int, separator_id: int,
+            max_length: int, stats: dict) -> Iterator[list[int]]:
     """Sequences of `max_length` tokens: the start token, then max_length - 1 packed text tokens."""
     buffer: list[int] = []
     for text in texts:
@@ -97,7 +103,7 @@ def _packed(texts, tokenizer: PreTrainedTokenizerBase, start_id: int, max_length
         if not text or not text.strip():
             stats["empty_documents"] += 1
             continue
-        buffer += tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+        buffer += tokenizer.encode(text, add_special_tokens=False) + [separator_id]
         while len(buffer) >= max_length - 1:
             yield [start_id] + buffer[: max_length - 1]
             buffer = buffer[max_length - 1:]

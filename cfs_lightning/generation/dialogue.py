@@ -22,7 +22,9 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..data.chat import encode_chat
 from ..data.collate import IGNORE_INDEX
+from ..tokens import stop_token_ids
 from .sampler import GenerationError, SamplingConfig, eval_mode, sample_continuations
 from .shards import provenance
 from .writer import write_shards
@@ -107,6 +109,7 @@ class _Dialogues:
     def __init__(self, model, tok, cfg: SamplingConfig, turns: int, max_length: int,
                  user_template: str, stats: dict) -> None:
         self.model, self.tok, self.cfg, self.turns = model, tok, cfg, turns
+        self.stops = stop_token_ids(tok, model)
         self.max_length, self.user_template, self.stats = max_length, user_template, stats
 
     def run(self, openers: list[str], batch_index: int) -> list[list[dict]]:
@@ -125,7 +128,7 @@ class _Dialogues:
                                         batch_index * 2 * self.turns + t)
             for i, out in zip(keys, outs, strict=True):
                 reply = out["input_ids"][out["n_prompt"]:]
-                if not reply or reply[-1] != self.tok.eos_token_id:
+                if not reply or reply[-1] not in self.stops:
                     self.stats["unfinished_turns"] += 1
                 text = self.tok.decode(reply, skip_special_tokens=True).strip()
                 if not text:
@@ -157,30 +160,9 @@ class _Dialogues:
 def encode_dialogue(tok: PreTrainedTokenizerBase, messages: list[dict],
                     train_on_user_turns: bool = False) -> tuple[list[int], list[int]]:
     """A conversation through the chat template: (input_ids, labels), the labels being the
-    assistant turns (and the user turns with `train_on_user_turns`), -100 elsewhere."""
-    ids: list[int] = []
-    labels: list[int] = []
-    rendered = ""
-    for k, message in enumerate(messages):
-        if message["role"] == "assistant":  # the header before the reply is never a target
-            head = tok.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
-            rendered = _extend(tok, ids, labels, rendered, head, False)
-        upto = tok.apply_chat_template(messages[: k + 1], tokenize=False)
-        trained = message["role"] == "assistant" or (train_on_user_turns and message["role"] == "user")
-        rendered = _extend(tok, ids, labels, rendered, upto, trained)
-    return ids, labels
-
-
-def _extend(tok, ids: list[int], labels: list[int], rendered: str, upto: str, trained: bool) -> str:
-    if not upto.startswith(rendered):
-        raise GenerationError(
-            f"the chat template of {tok.name_or_path!r} does not render a conversation as a prefix "
-            "of its continuation, so turns cannot be masked; give another chat_template"
-        )
-    piece = tok.encode(upto[len(rendered):], add_special_tokens=False)
-    ids += piece
-    labels += piece if trained else [IGNORE_INDEX] * len(piece)
-    return upto
+    assistant turns (and the user turns' content with `train_on_user_turns`), -100 elsewhere."""
+    roles = ("assistant", "user") if train_on_user_turns else ("assistant",)
+    return encode_chat(tok, messages, roles, fix="give another chat_template")
 
 
 def read_seeds(seeds: list[str] | None, seeds_file: str | None) -> list[str]:

@@ -14,8 +14,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .sampler import (Budget, GenerationError, SamplingConfig, eval_mode, resolve_start_token,
-                      sample_context_free)
+from ..tokens import resolve_start_token, stop_token_ids
+from .sampler import Budget, GenerationError, SamplingConfig, eval_mode, sample_context_free
 from .shards import provenance
 from .writer import write_shards
 from .vllm_backend import sample_with_vllm
@@ -59,6 +59,7 @@ def generate_replay(
     manifest = {
         **provenance(tokenizer, model),
         "source": "context_free",
+        "start_token": tokenizer.convert_ids_to_tokens(start_id),
         "start_token_id": start_id,
         "sampling": sampling.to_dict(),
         "store_topk": store_topk,
@@ -70,7 +71,7 @@ def generate_replay(
     total, unit = (max_sequences, "seq") if max_sequences else (max_tokens, "tok")
     if backend == "vllm":  # not resumable mid-stream: a rerun samples again, the writer skips what is on disk
         stream = _with_progress(sample_with_vllm(model.name_or_path, tokenizer, sampling, max_sequences,
-                                                 max_tokens, store_topk,
+                                                 max_tokens, stop_token_ids(tokenizer, model), store_topk,
                                                  dtype=str(model.dtype).removeprefix("torch.")),
                                 total, unit, shown)
     else:

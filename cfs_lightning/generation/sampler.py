@@ -28,6 +28,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from ..tokens import resolve_start_token, stop_token_ids
+
 
 class GenerationError(ValueError):
     """A sampling setting or budget cannot be honoured; the message names the setting to change."""
@@ -46,7 +48,9 @@ class SamplingConfig:
     max_new_tokens: int = 256
     """Tokens generated after the start token, at most."""
     stop_at_eos: bool = True
-    """Stop a sequence at its first EOS (kept as its last token); False: always max_new_tokens."""
+    """Stop a sequence at its first stop token, kept as its last token: the tokenizer's EOS or any
+    `eos_token_id` of the model's generation config (`cfs_lightning.tokens.stop_token_ids`).
+    False: always max_new_tokens."""
     batch_size: int = 64
     """Sequences sampled in parallel per `generate` call (KV-cached). Larger batches sample more
     tokens per second (on 2 CPU cores, 0.37x a teacher-forced pass at 64, 0.73x at 256;
@@ -55,7 +59,8 @@ class SamplingConfig:
     """Seed of the sampling stream. The same seed and settings give the same sequences."""
     start_token: str | None = None
     """Token every sequence starts from. None uses the tokenizer's BOS token; tokenizers without
-    one (Qwen, Pythia, GPT-2 style) need it set, usually to their EOS, e.g. `<|endoftext|>`."""
+    one (Qwen, OLMo) need it set, to their document separator (`<|endoftext|>`), not to a chat
+    end-of-turn token such as Qwen's EOS `<|im_end|>`."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -124,43 +129,27 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def resolve_start_token(tokenizer: PreTrainedTokenizerBase, start_token: str | None) -> int:
-    """The token id every context-free sequence starts from."""
-    if start_token is None:
-        if tokenizer.bos_token_id is None:
-            raise GenerationError(
-                f"tokenizer {tokenizer.name_or_path!r} has no BOS token, so context-free sampling "
-                "has no start token: set `start_token` (sampling.start_token in YAML), usually to "
-                f"the EOS token {tokenizer.eos_token!r}"
-            )
-        return tokenizer.bos_token_id
-    token_id = tokenizer.convert_tokens_to_ids(start_token)
-    if token_id is None or token_id == tokenizer.unk_token_id:
-        raise GenerationError(
-            f"start_token {start_token!r} is not a single token of tokenizer "
-            f"{tokenizer.name_or_path!r}; use one of its special tokens, e.g. {tokenizer.eos_token!r}"
-        )
-    return token_id
-
-
-def _generation_config(cfg: SamplingConfig, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+def _generation_config(cfg: SamplingConfig, stops: list[int], pad_id: int) -> GenerationConfig:
     # Every knob is set explicitly: transformers fills unset ones from the checkpoint's
     # generation_config.json (often top_p=0.9) or its own defaults (top_k=50). Decoding is
     # greedy over the scores `_processors` returns, whose last step draws the sample itself.
-    pad_id = pad_token_id(tokenizer)
     return GenerationConfig(
         do_sample=False,
         max_new_tokens=cfg.max_new_tokens,
-        eos_token_id=[tokenizer.eos_token_id] if cfg.stop_at_eos else [],
+        eos_token_id=stops if cfg.stop_at_eos else [],
         pad_token_id=pad_id,
         repetition_penalty=1.0,
         use_cache=True,
     )
 
 
-def _processors(cfg: SamplingConfig, recorder: TopKRecorder | None = None) -> LogitsProcessorList:
-    """The model's logits -> (recorded) -> temperature -> top-k -> top-p -> one sampled token."""
+def _processors(cfg: SamplingConfig, recorder: TopKRecorder | None = None,
+                n_tokens: int | None = None) -> LogitsProcessorList:
+    """The model's logits -> (recorded) -> ids past the tokenizer's `n_tokens` removed ->
+    temperature -> top-k -> top-p -> one sampled token."""
     steps: list[LogitsProcessor] = [recorder] if recorder is not None else []
+    if n_tokens is not None:
+        steps.append(TokenizerVocabulary(n_tokens))
     if cfg.temperature != 1.0:
         steps.append(TemperatureLogitsWarper(cfg.temperature))
     if cfg.top_k is not None:
@@ -170,11 +159,30 @@ def _processors(cfg: SamplingConfig, recorder: TopKRecorder | None = None) -> Lo
     return LogitsProcessorList([*steps, InverseCDFSampler()])
 
 
-def _trim(row: list[int], eos_id: int | None, stop_at_eos: bool) -> list[int]:
-    """Cut a generated row after its first EOS (position 0 is the start token)."""
-    if stop_at_eos and eos_id is not None and eos_id in row[1:]:
-        return row[: row.index(eos_id, 1) + 1]
+def _trim(row: list[int], stops: list[int], stop_at_eos: bool) -> list[int]:
+    """Cut a generated row after its first stop token (position 0 is the start token)."""
+    if stop_at_eos:
+        for t, token in enumerate(row[1:], 1):
+            if token in stops:
+                return row[: t + 1]
     return row
+
+
+class TokenizerVocabulary(LogitsProcessor):
+    """Never samples an id the tokenizer does not have.
+
+    Checkpoints often pad the embedding matrix past the tokenizer (Qwen3: 151,936 rows for
+    151,669 tokens; Gemma 3: 262,208 for 262,145). A trained model gives those rows almost no
+    mass, a random or damaged one does not; a sampled padding id could not be decoded and its
+    shard would be refused. The recorded top-k (before this step) stays the model's own.
+    """
+
+    def __init__(self, n_tokens: int) -> None:
+        self.n_tokens = n_tokens
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return scores.index_fill(-1, torch.arange(self.n_tokens, scores.size(-1), device=scores.device),
+                                 float("-inf"))
 
 
 class InverseCDFSampler(LogitsProcessor):
@@ -298,24 +306,27 @@ def sample_continuations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
                          prompts: list[list[int]], batch_index: int, store_topk: int = 0) -> list[dict]:
     """One batched `generate` over `prompts` (left-padded), seeded by (cfg.seed, batch_index).
 
-    Each record's `input_ids` is its prompt followed by the continuation, cut after its first EOS
-    (with `cfg.stop_at_eos`); `n_prompt` is the prompt's length. The caller's RNG is untouched.
+    Each record's `input_ids` is its prompt followed by the continuation, cut after its first stop
+    token (`stop_token_ids`, with `cfg.stop_at_eos`); `n_prompt` is the prompt's length. The
+    caller's RNG is untouched.
     """
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     pad_id = pad_token_id(tokenizer)
+    stops = stop_token_ids(tokenizer, model)
+    vocab = model.get_output_embeddings().weight.size(0)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     recorder = TopKRecorder(store_topk) if store_topk else None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed * 1_000_003 + batch_index)
         out = model.generate(
-            input_ids=ids, attention_mask=mask, generation_config=_generation_config(cfg, tokenizer),
-            logits_processor=_processors(cfg, recorder),
+            input_ids=ids, attention_mask=mask, generation_config=_generation_config(cfg, stops, pad_id),
+            logits_processor=_processors(cfg, recorder, len(tokenizer) if vocab > len(tokenizer) else None),
         )
     records = []
     for prompt, row in zip(prompts, out[:, width:].tolist(), strict=True):
-        cont = _trim([None, *row], tokenizer.eos_token_id, cfg.stop_at_eos)[1:]
+        cont = _trim([None, *row], stops, cfg.stop_at_eos)[1:]
         records.append({"input_ids": prompt + cont, "n_prompt": len(prompt)})
     if recorder is not None:
         for rec, ids_k, logprobs in zip(records, *recorder.per_row(), strict=True):

@@ -9,7 +9,7 @@ For every record `num_samples` responses are drawn (batch b of records seeded by
 sample keeps its reference response (a fallback, counted). The shards hold `input_ids` and
 `labels` (prompt masked) and are trained on as the task itself: `data.task.shards`.
 
-Samples that end without EOS (cut at `max_new_tokens`), are empty, or do not fit `task.max_length`
+Samples that end without a stop token (cut at `max_new_tokens`), are empty, or do not fit `task.max_length`
 after the prompt are no candidates; prompts of `task.max_length` tokens or more are not sampled
 (the record keeps its reference, as the task tokenization would treat it). Each is counted.
 """
@@ -23,6 +23,7 @@ from typing import Literal
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data.task import TaskSource
+from ..tokens import stop_token_ids
 from .sampler import GenerationError, SamplingConfig, eval_mode, pad_token_id, sample_continuations
 from .scoring import per_token_nll, response_perplexity
 from .shards import provenance
@@ -104,11 +105,12 @@ def _targets(model, tok, task: TaskSource, verifier: Verifier, cfg: SamplingConf
     sampled = [i for i, q in enumerate(queries) if len(q) < task.max_length]
     stats["prompts_too_long"] += len(records) - len(sampled)
     candidates: dict[int, list[list[int]]] = {i: [] for i in range(len(records))}
+    stops = stop_token_ids(tok, model)
     if sampled:
         outs = sample_continuations(model, tok, cfg, [queries[i] for i in sampled for _ in range(n)], batch_index)
         for k, out in enumerate(outs):
             i = sampled[k // n]
-            response = _usable(out["input_ids"][out["n_prompt"]:], len(prompts[i]), tok, task, stats)
+            response = _usable(out["input_ids"][out["n_prompt"]:], len(prompts[i]), tok, stops, task, stats)
             if response is not None and _verify(verifier, tok.decode(response, skip_special_tokens=True),
                                                 records[i], first + i):
                 stats["correct_samples"] += 1
@@ -125,13 +127,13 @@ def _targets(model, tok, task: TaskSource, verifier: Verifier, cfg: SamplingConf
     return rows
 
 
-def _usable(response: list[int], n_prompt: int, tok, task: TaskSource, stats: dict) -> list[int] | None:
+def _usable(response: list[int], n_prompt: int, tok, stops: list[int], task: TaskSource,
+            stats: dict) -> list[int] | None:
     stats["samples"] += 1
-    eos = tok.eos_token_id
-    if not response or response[-1] != eos:
+    if not response or response[-1] not in stops:
         stats["unfinished_samples"] += 1
         return None
-    if response == [eos] or not tok.decode(response, skip_special_tokens=True).strip():
+    if len(response) == 1 or not tok.decode(response, skip_special_tokens=True).strip():
         stats["empty_samples"] += 1
         return None
     if n_prompt + len(response) > task.max_length:

@@ -23,6 +23,7 @@ from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import __version__
+from ..tokens import stop_token_ids
 
 MANIFEST = "manifest.json"
 FORMAT = "cfs_lightning.replay/2"
@@ -62,11 +63,13 @@ def model_fingerprint(model: PreTrainedModel) -> str:
 
 
 def provenance(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> dict:
-    """The manifest fields every replay source records: format, versions, model and tokenizer.
+    """The manifest fields every replay source records: format, versions, model and tokenizer,
+    and the stop tokens that sampling from the model ends sequences at.
 
     Without a model (replay of real text) the model fields are None, and `check_manifest` then
     compares the tokenizer only.
     """
+    stops = stop_token_ids(tokenizer, model) if model is not None else None
     return {
         "format": FORMAT,
         "package_version": __version__,
@@ -79,6 +82,8 @@ def provenance(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None
         "tokenizer": tokenizer.name_or_path,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "eos_token_id": tokenizer.eos_token_id,
+        "stop_token_ids": stops,
+        "stop_tokens": tokenizer.convert_ids_to_tokens(stops) if stops is not None else None,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
 

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 from transformers import PreTrainedTokenizerBase
 
-from .sampler import GenerationError, SamplingConfig, _fit_token_budget, _trim, resolve_start_token
+from ..tokens import resolve_start_token
+from .sampler import GenerationError, SamplingConfig, _fit_token_budget, _trim
 
 
 def _import_vllm():
@@ -33,11 +34,13 @@ def sample_with_vllm(
     cfg: SamplingConfig,
     max_sequences: int | None,
     max_tokens: int | None,
+    stops: list[int],
     store_topk: int = 0,
     dtype: str = "auto",
 ) -> Iterator[list[dict]]:
     """Yield batches of records (`input_ids`, and the top-k columns with `store_topk`) sampled by
-    vLLM from the checkpoint `model`, until the budget is met (a token budget is cut exactly)."""
+    vLLM from the checkpoint `model`, until the budget is met (a token budget is cut exactly).
+    Sequences stop at the first of `stops` (`cfs_lightning.tokens.stop_token_ids`)."""
     vllm = _import_vllm()
     start_id = resolve_start_token(tokenizer, cfg.start_token)
     llm = vllm.LLM(model=model, tokenizer=tokenizer.name_or_path, dtype=dtype, seed=cfg.seed,
@@ -49,11 +52,11 @@ def sample_with_vllm(
             temperature=cfg.temperature, top_p=cfg.top_p if cfg.top_p is not None else 1.0,
             top_k=cfg.top_k or -1, max_tokens=cfg.max_new_tokens,
             seed=(cfg.seed * 1_000_003 + batch) * cfg.batch_size + i,
-            stop_token_ids=[tokenizer.eos_token_id] if cfg.stop_at_eos else None,
+            stop_token_ids=stops if cfg.stop_at_eos else None,
             ignore_eos=not cfg.stop_at_eos, logprobs=store_topk or None,
         ) for i in range(n)]
         outputs = llm.generate([{"prompt_token_ids": [start_id]}] * n, params, use_tqdm=False)
-        records = [_record(out.outputs[0], start_id, tokenizer.eos_token_id, cfg, store_topk) for out in outputs]
+        records = [_record(out.outputs[0], start_id, stops, cfg, store_topk) for out in outputs]
         if max_tokens is not None:
             records = _fit_token_budget(records, max_tokens - done_tokens)
         done_seqs += len(records)
@@ -62,8 +65,8 @@ def sample_with_vllm(
         yield records
 
 
-def _record(completion, start_id: int, eos_id: int | None, cfg: SamplingConfig, store_topk: int) -> dict:
-    record = {"input_ids": _trim([start_id, *completion.token_ids], eos_id, cfg.stop_at_eos)}
+def _record(completion, start_id: int, stops: list[int], cfg: SamplingConfig, store_topk: int) -> dict:
+    record = {"input_ids": _trim([start_id, *completion.token_ids], stops, cfg.stop_at_eos)}
     if store_topk:
         n_gen = len(record["input_ids"]) - 1
         steps = [sorted(step.items(), key=lambda kv: kv[1].rank)[:store_topk]  # the sampled token

@@ -1,0 +1,95 @@
+"""The special tokens every sampler and packer agrees on: where a sequence starts, where it stops,
+and what separates documents.
+
+Checkpoints disagree on these. Llama-3.x Instruct's tokenizer EOS is `<|eot_id|>` (the end of a
+chat turn) while documents end with `<|end_of_text|>`, and its generation config declares both
+(plus `<|eom_id|>`). Qwen3's tokenizer EOS is `<|im_end|>` while documents end with
+`<|endoftext|>`, and it has no BOS. Phi-3 ends chat turns with `<|end|>`, which only its
+generation config names. Hence:
+
+- **stop tokens** = the tokenizer's EOS ∪ the model's `generation_config.eos_token_id`, in that
+  order (the set `transformers` itself stops at when generating with the checkpoint's config);
+- **document separator** = the first special token of the tokenizer among the names checkpoints
+  use for the end of a document (`DOCUMENT_SEPARATORS`), else its EOS;
+- **start token** = the tokenizer's BOS, or the token the user names; without either the run is
+  refused with advice naming the document separator (a context-free sample starts where a
+  document would).
+"""
+
+from __future__ import annotations
+
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+DOCUMENT_SEPARATORS = ("<|endoftext|>", "<|end_of_text|>", "<eos>", "</s>", "<｜end▁of▁sentence｜>")
+"""Special tokens that end a document in pretraining data: GPT-2, Pythia, OLMo, Qwen and Phi
+(`<|endoftext|>`); Llama 3 (`<|end_of_text|>`); Gemma (`<eos>`); Llama 2 and Mistral (`</s>`);
+DeepSeek (`<｜end▁of▁sentence｜>`). Only special tokens count: Qwen3 and Gemma 3 also have an
+ordinary `</s>` token."""
+
+
+class TokenError(ValueError):
+    """A tokenizer lacks a token the pipeline needs; the message names the setting that supplies it."""
+
+
+def special_tokens(tokenizer: PreTrainedTokenizerBase) -> set[str]:
+    """Every special token of `tokenizer`: those named in its map and added tokens marked special."""
+    added = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    return added | set(tokenizer.all_special_tokens)
+
+
+def document_separator(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The token that ends a document (see `DOCUMENT_SEPARATORS`); the EOS when none is special."""
+    specials = special_tokens(tokenizer)
+    for name in DOCUMENT_SEPARATORS:
+        if name in specials:
+            return name
+    if tokenizer.eos_token is None:
+        raise TokenError(f"tokenizer {tokenizer.name_or_path!r} has neither an EOS token nor a known "
+                         f"document separator {DOCUMENT_SEPARATORS}; set its eos_token")
+    return tokenizer.eos_token
+
+
+def resolve_start_token(tokenizer: PreTrainedTokenizerBase, start_token: str | None) -> int:
+    """The id every context-free sequence starts from: `start_token`, else the tokenizer's BOS."""
+    if start_token is None:
+        if tokenizer.bos_token_id is None:
+            separator = document_separator(tokenizer)
+            raise TokenError(
+                f"tokenizer {tokenizer.name_or_path!r} has no BOS token, so context-free sampling "
+                "has no start token: set `start_token` (sampling.start_token in YAML) to its "
+                f"document separator {separator!r}, where a new document begins"
+                + _not_turn_end(tokenizer, separator)
+            )
+        return tokenizer.bos_token_id
+    token_id = tokenizer.convert_tokens_to_ids(start_token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise TokenError(
+            f"start_token {start_token!r} is not a single token of tokenizer "
+            f"{tokenizer.name_or_path!r}; use one of its special tokens, e.g. the document "
+            f"separator {document_separator(tokenizer)!r}"
+        )
+    return token_id
+
+
+def _not_turn_end(tokenizer: PreTrainedTokenizerBase, separator: str) -> str:
+    if tokenizer.eos_token is None or tokenizer.eos_token == separator:
+        return ""
+    return (f" (not its EOS {tokenizer.eos_token!r}, which ends a chat turn and would make the "
+            "samples chat-shaped)")
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase,
+                   source: PreTrainedModel | GenerationConfig | None = None) -> list[int]:
+    """The ids sampling stops at: the tokenizer's EOS, then every `eos_token_id` the model's
+    generation config declares (`source`: the model or its `GenerationConfig`), without repeats."""
+    config = source.generation_config if isinstance(source, PreTrainedModel) else source
+    declared = getattr(config, "eos_token_id", None) if config is not None else None
+    if isinstance(declared, int):
+        declared = [declared]
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids += [int(i) for i in declared or [] if int(i) not in ids]
+    if not ids:
+        raise TokenError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token and the model "
+                         "declares no generation_config.eos_token_id, so sampling cannot stop; set one")
+    return ids
+
