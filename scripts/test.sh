@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+if [ "$#" -eq 0 ]; then set -- -m "not slow"; fi  # the default run; -m slow or any arguments replace it
 .venv/bin/python -m pytest -q "$@"

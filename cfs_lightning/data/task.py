@@ -16,7 +16,7 @@ import datasets
 import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
-from .chat import trained_spans
+from .chat import encode_chat
 from .collate import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -207,9 +207,9 @@ class _Encoder:
         # The prompt is what the template renders before the assistant turn (its generation
         # prompt); the response is the turn as the whole conversation renders it, end-of-turn included.
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        text, [(start, end)] = trained_spans(
+        ids, labels = encode_chat(
             self.tok, messages, ("assistant",),
             fix="set task.chat_template=false and write the template's markers into task.prompt and "
                 "task.response (cfs_lightning adds BOS and EOS)")
-        return (self.tok.encode(text[:start], add_special_tokens=False),
-                self.tok.encode(text[start:end], add_special_tokens=False))
+        n_prompt = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        return ids[:n_prompt], ids[n_prompt:]
