@@ -87,7 +87,7 @@ def main() -> None:
     gen_ids = torch.Generator().manual_seed(1)
     task = task_batch(setting.batch_size, setting.seq_len, vocab, gen_ids)
     replay_ids = torch.randint(3, vocab, (setting.replay_batch_size, setting.seq_len), generator=gen_ids)
-    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()  # CPU, float32: top-k and replay
+    base = AutoModelForCausalLM.from_pretrained(model_dir).to(setting.device).eval()  # float32: top-k and replay
     both = {"task": task, "replay": topk_replay(base, replay_ids)}
 
     extra = {}

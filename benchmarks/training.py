@@ -155,9 +155,9 @@ def memory_figures(setting: Setting, model_dir: Path, both: dict[str, dict]) -> 
 def topk_replay(model: torch.nn.Module, replay_ids: torch.Tensor, k: int = 20) -> dict[str, torch.Tensor]:
     """A replay batch of the given rows with the base model's cached top-k, as the shards hold it."""
     with torch.no_grad():
-        top = model(replay_ids).logits.float().log_softmax(-1).topk(k, dim=-1)
+        top = model(replay_ids.to(model.device)).logits.float().log_softmax(-1).topk(k, dim=-1)
     return {"input_ids": replay_ids, "attention_mask": torch.ones_like(replay_ids), "labels": replay_ids.clone(),
-            "topk_ids": top.indices, "topk_logprobs": top.values}
+            "topk_ids": top.indices.cpu(), "topk_logprobs": top.values.cpu()}
 
 
 def scratch() -> Path:

@@ -287,3 +287,22 @@ def test_packed_corpus_separates_documents_with_the_qwen3_document_separator(fam
     assert manifest["document_separator"] == "<|endoftext|>"
     assert decoded.startswith("<|endoftext|>First document here.<|endoftext|>Second one.")
     assert "<|im_end|>" not in decoded
+
+
+def _readme_yaml_blocks() -> list[dict]:
+    text = (REPO / "README.md").read_text().split("## Models", 1)[1].split("\n## ", 1)[0]
+    return [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+
+
+def test_the_readme_per_family_snippets_are_valid_configs(tmp_path, capsys):
+    blocks = _readme_yaml_blocks()
+    generate = [b for b in blocks if "output_dir" in b]
+    assert len(generate) >= 4
+    for i, block in enumerate(generate):
+        (tmp_path / f"{i}.yaml").write_text(yaml.safe_dump(block))
+        with pytest.raises(SystemExit) as done:  # --print_config validates every key, then exits
+            main(["generate", "--config", str(tmp_path / f"{i}.yaml"), "--print_config"])
+        assert done.value.code in (0, None), capsys.readouterr().err
+    assert "start_token: <|endoftext|>" in capsys.readouterr().out
+    task = next(b for b in blocks if "data" in b)["data"]["init_args"]["task"]
+    assert TaskSource(**task).chat_template is True
