@@ -40,9 +40,9 @@ def render(tok: PreTrainedTokenizerBase, messages: list[dict], add_generation_pr
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def trained_spans(tok: PreTrainedTokenizerBase, messages: list[dict], roles: tuple[str, ...],
-                  fix: str) -> tuple[str, list[tuple[int, int]]]:
-    """The whole rendering of `messages` and the character spans of the turns of `roles` in it.
+def turn_spans(tok: PreTrainedTokenizerBase, messages: list[dict], roles: set[str],
+               fix: str) -> tuple[str, list[tuple[str, int, int]]]:
+    """The whole rendering of `messages` and (role, start, end) character spans of its turns of `roles`.
 
     Args:
         fix: What the user can do when the template is refused (ends the error message).
@@ -71,7 +71,7 @@ def trained_spans(tok: PreTrainedTokenizerBase, messages: list[dict], roles: tup
         end = _turn_end(tok, messages, k, text, content_end)
         if k == len(messages) - 1:
             _check_kept(tok, message, text[start:content_end], fix)
-        spans.append((start, end))
+        spans.append((message["role"], start, end))
     return text, spans
 
 
@@ -84,8 +84,9 @@ def encode_chat(tok: PreTrainedTokenizerBase, messages: list[dict], roles: tuple
     not depend on `roles`. A user turn is labelled by its tokens' character offsets (a token
     that overlaps the turn is trained on).
     """
-    text, spans = trained_spans(tok, messages, ("assistant",), fix)
-    trained = trained_spans(tok, messages, roles, fix)[1] if roles != ("assistant",) else spans
+    text, located = turn_spans(tok, messages, {"assistant", *roles}, fix)
+    spans = [(start, end) for role, start, end in located if role == "assistant"]
+    trained = [(start, end) for role, start, end in located if role in roles]
     ids: list[int] = []
     labels: list[int] = []
     pos = 0
