@@ -3,8 +3,9 @@
 `benchmarks/gpu_check.sh` runs them in order on one GPU; on CPU, `--size tiny` runs the same
 steps on a small model in seconds (FSDP1 needs a GPU and is skipped there).
 
-    build   a Llama-3.2-1B-shaped model (random weights) with the real Llama-3.1 tokenizer and
-            its generation config (stops 128001, 128008, 128009), saved in bf16
+    build   the compatibility matrix's Llama row (the real Llama-3.1 tokenizer, its generation
+            config's stops 128001, 128008, 128009) at the Llama-3.2-1B shape (random weights,
+            saved in bf16), or at the matrix's own tiny shape
     sample  context-free replay from it: tokens/s, first token, every sequence ends at a stop
     fit     `cfs fit` (bf16-mixed) with NLLReplay + KLToReference and RetainedEval under the
             shipped FSDP1 or FSDP2 strategy config; the export reloads and lm-eval scores it as
@@ -14,28 +15,25 @@ steps on a small model in seconds (FSDP1 needs a GPU and is skipped there).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.harness import SIZES  # noqa: E402
-from tests.families import real_tokenizer  # noqa: E402
+from tests.families import BY_NAME, build as build_family, stop_ids  # noqa: E402
 
 HELDOUT = REPO / "configs" / "tasks" / "shakespeare_heldout.yaml"
 GSM8K = REPO / "data" / "gsm8k"
-STOPS = [128001, 128008, 128009]  # Llama-3.1 Instruct's generation config: eos_token_id
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
-
+LLAMA = BY_NAME["llama"]
 
 def result(**fields) -> None:
     print("RESULT " + json.dumps(fields), flush=True)
@@ -47,20 +45,12 @@ def device() -> str:
 
 def build(args) -> None:
     start = time.perf_counter()
-    out = Path(args.out)
-    tok = AutoTokenizer.from_pretrained(real_tokenizer("llama3_1", out / "_tokenizer"))
-    config = AutoConfig.for_model("llama", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                                  eos_token_id=STOPS[0], pad_token_id=None,
-                                  **(SIZES["1b"] if args.size == "1b" else TINY))
-    torch.manual_seed(0)
-    with torch.device(device()):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=STOPS)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    shutil.rmtree(out / "_tokenizer")
-    result(step="build", parameters=sum(p.numel() for p in model.parameters()), vocab=len(tok),
-           seconds=round(time.perf_counter() - start, 1))
+    family = dataclasses.replace(LLAMA, config=SIZES["1b"]) if args.size == "1b" else LLAMA
+    out = build_family(family, Path(args.out), dtype=torch.bfloat16, device=device())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out))
+    result(step="build", parameters=sum(p.numel() for p in model.parameters()),
+           vocab=len(AutoTokenizer.from_pretrained(out)), seconds=round(time.perf_counter() - start, 1))
 
 
 def sample(args) -> None:
@@ -80,7 +70,7 @@ def sample(args) -> None:
     manifest = read_manifest(Path(args.out))
     stops = set(manifest["stop_token_ids"])
     generated = sum(len(r) - 1 for r in rows)
-    ok = (len(rows) == args.sequences and stops == {*STOPS} and
+    ok = (len(rows) == args.sequences and stops == {*stop_ids(LLAMA, tok)} and
           all(r[0] == tok.bos_token_id for r in rows) and
           all(not stops & set(r[1:-1]) and (r[-1] in stops or len(r) == args.new_tokens + 1) for r in rows))
     result(step="sample", ok=ok, sequences=len(rows), generated_tokens=generated, seconds=round(seconds, 2),

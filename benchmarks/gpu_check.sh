@@ -53,14 +53,14 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 }
 
 rm -f "$OUT/results.jsonl"
-CHECK=(benchmarks/gpu_check.py)
-step build 60 "$PY" "${CHECK[@]}" build --out "$WORK/base" --size "$SIZE"
+CHECK=benchmarks/gpu_check.py
+step build 60 "$PY" "$CHECK" build --out "$WORK/base" --size "$SIZE"
 if [ "$SIZE" = tiny ]; then SMALL=(--steps 4 --batch 4 --max_length 128 --eval_limit 4); SAMPLE=(--sequences 16 --batch 16 --new_tokens 32)
 else SMALL=(); SAMPLE=(); fi
-step sample 60 "$PY" "${CHECK[@]}" sample --model "$WORK/base" --out "$WORK/replay" "${SAMPLE[@]}"
-step fit-fsdp 105 "$PY" "${CHECK[@]}" fit --model "$WORK/base" --replay "$WORK/replay" --out "$WORK/fsdp" \
+step sample 60 "$PY" "$CHECK" sample --model "$WORK/base" --out "$WORK/replay" "${SAMPLE[@]}"
+step fit-fsdp 105 "$PY" "$CHECK" fit --model "$WORK/base" --replay "$WORK/replay" --out "$WORK/fsdp" \
   --strategy fsdp "${SMALL[@]}"
-step fit-fsdp2 105 "$PY" "${CHECK[@]}" fit --model "$WORK/base" --replay "$WORK/replay" --out "$WORK/fsdp2" \
+step fit-fsdp2 105 "$PY" "$CHECK" fit --model "$WORK/base" --replay "$WORK/replay" --out "$WORK/fsdp2" \
   --strategy fsdp2 "${SMALL[@]}"
 if [ "$SIZE" = 1b ]; then
   step bench 140 "$PY" benchmarks/run.py --device cuda --repeats 2 --steps 5 --warmup 2 --no_trl \

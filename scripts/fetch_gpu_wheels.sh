@@ -2,8 +2,9 @@
 # Download, into .whl/, the wheels benchmarks/gpu_check.sh installs on a GPU machine that cannot
 # download: the packages cfs_lightning needs that such a machine lacks (datasets, lm-eval,
 # jsonargparse and their own dependencies), for CPython 3.12 on x86-64 Linux. Torch, transformers,
-# lightning, peft, numpy, pandas, pyarrow and the rest are the machine's own. Versions are those this project pins (pyproject.toml) and those the
-# pins resolve to. Packages published only as source are built here into pure-Python wheels.
+# lightning, peft, numpy, pandas, pyarrow and the rest are the machine's own. Versions are those
+# this project pins (pyproject.toml) and those the pins resolve to. Packages published only as
+# source are built here into pure-Python wheels.
 #   bash scripts/fetch_gpu_wheels.sh    # ~15 MB in .whl/ (ignored by git, carried to the machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -132,8 +132,10 @@ def stop_ids(family: Family, tok) -> list[int]:
     return ids
 
 
-def build(family: Family, out: Path, seed: int = 0) -> Path:
-    """The family's tokenizer and a random tiny model of its architecture, saved in `out`."""
+def build(family: Family, out: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+          device: str = "cpu") -> Path:
+    """The family's tokenizer and a random model of its architecture (`family.config`), built on
+    `device` in `dtype` and saved in `out`."""
     if (FIXTURES / family.tokenizer).is_dir():
         tok = AutoTokenizer.from_pretrained(real_tokenizer(family.tokenizer, out / "_tokenizer"))
     else:
@@ -144,7 +146,8 @@ def build(family: Family, out: Path, seed: int = 0) -> Path:
     config = AutoConfig.for_model(family.model_type, vocab_size=len(tok) + family.padded_vocab,
                                   bos_token_id=tok.bos_token_id, eos_token_id=stops[0], **fields)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=stops,
                                                pad_token_id=tok.pad_token_id)
     model.save_pretrained(out)
