@@ -10,7 +10,7 @@ import torch
 from harness import Setting, figure, interleaved, ratios
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cfs_lightning.generation.sampler import SamplingConfig, sample_context_free
+from cfs_lightning.sampling import SamplingConfig, sample_context_free
 
 SINGLE = 2
 """Sequences the one-at-a-time loop samples per repetition (it is the slow arm)."""

@@ -54,7 +54,9 @@ def build(args) -> None:
 
 
 def sample(args) -> None:
-    from cfs_lightning.generation import Budget, SamplingConfig, generate_replay, load_shards, read_manifest
+    from cfs_lightning.sampling import Budget, SamplingConfig
+    from cfs_lightning.replay.context_free import generate_replay
+    from cfs_lightning.shards import load_shards, read_manifest
 
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).to(device()).eval()
@@ -90,11 +92,11 @@ def fit_config(args) -> dict:
     return {
         "seed_everything": 0,
         "trainer": trainer,
-        "model": {"class_path": "cfs_lightning.module.CausalLMFineTuner", "init_args": {
+        "model": {"class_path": "cfs_lightning.training.CausalLMFineTuner", "init_args": {
             "pretrained": args.model, "reference": "copy",
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1.0e-5}},
-            "regularizers": [{"class_path": "cfs_lightning.regularizers.NLLReplay"},
-                             {"class_path": "cfs_lightning.regularizers.KLToReference"}]}},
+            "regularizers": [{"class_path": "cfs_lightning.training.regularizers.NLLReplay"},
+                             {"class_path": "cfs_lightning.training.regularizers.KLToReference"}]}},
         "data": {"class_path": "cfs_lightning.data.ReplayDataModule", "init_args": {
             "task": {"path": "json", "data_files": {"train": str(GSM8K / "train.jsonl"),
                                                      "test": str(GSM8K / "test.jsonl")},
@@ -107,7 +109,7 @@ def fit_config(args) -> dict:
 
 
 def fit(args) -> None:
-    from cfs_lightning.cli import run_cli
+    from cfs_lightning.experiments.runner import run_cli
     from cfs_lightning.evaluation import evaluate_lm, load_task_yaml
 
     if args.strategy == "fsdp" and device() != "cuda":

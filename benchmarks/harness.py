@@ -19,8 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from cfs_lightning.data.collate import IGNORE_INDEX
-from cfs_lightning.toy.init_model import train_tokenizer
+from cfs_lightning.tokens import IGNORE_INDEX
+from cfs_lightning.experiments.init_model import train_tokenizer
 
 SIZES = {
     # ~4M parameters: a training step takes about a tenth of a second on 2 CPU cores.
@@ -50,7 +50,7 @@ class Setting:
 
     @property
     def replay_batch_size(self) -> int:
-        from cfs_lightning.data.datamodule import replay_batch_size
+        from cfs_lightning.data import replay_batch_size
         return replay_batch_size(self.replay_ratio, self.batch_size)
 
     def sync(self) -> None:

@@ -33,7 +33,8 @@ from harness import Setting, build_model_dir, figure, ratios, task_batch  # noqa
 from training import (loader_figure, memory_figures, mfu_figure, scratch, step_figures, step_times,  # noqa: E402
                       topk_replay)
 
-from cfs_lightning.generation import Budget, SamplingConfig, generate_replay  # noqa: E402
+from cfs_lightning.sampling import Budget, SamplingConfig
+from cfs_lightning.replay.context_free import generate_replay
 
 DEFAULTS = {  # per device: size, batch, sequence length, generation batch, repeats, steps, warm-up, precision
     "cpu": dict(size="small", batch_size=8, seq_len=128, gen_batch=64, repeats=7, steps=6, warmup=2,

@@ -13,9 +13,9 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cfs_lightning.data.collate import Collator
-from cfs_lightning.generation import load_shards, read_manifest
-from cfs_lightning.regularizers import token_divergence, topk_forward_kl
+from cfs_lightning.data import Collator
+from cfs_lightning.shards import load_shards, read_manifest
+from cfs_lightning.training.regularizers import token_divergence, topk_forward_kl
 
 
 @torch.no_grad()

@@ -13,10 +13,11 @@ import torch
 from harness import (FixedBatches, Setting, StepTimer, figure, free, interleaved, ratios, parameter_counts,
                      peak_memory, trainer)
 
-from cfs_lightning.data import ReplayConfig, ReplayDataModule, TaskSource
-from cfs_lightning.lora import LoRA
-from cfs_lightning.module import CausalLMFineTuner
-from cfs_lightning.regularizers import EMA, KLFromCachedTopK, KLToReference, L2ToInit, NLLReplay
+from cfs_lightning.data import ReplayConfig, ReplayDataModule
+from cfs_lightning.tasks import TaskSource
+from cfs_lightning.training.lora import LoRA
+from cfs_lightning.training import CausalLMFineTuner
+from cfs_lightning.training.regularizers import EMA, KLFromCachedTopK, KLToReference, L2ToInit, NLLReplay
 
 ARMS = {  # name -> (regularizers, replay stream in the batch)
     "plain FT": (list, False),

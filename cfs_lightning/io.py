@@ -1,4 +1,12 @@
-"""Directories and files that appear whole or not at all."""
+"""Files and directories that appear whole or not at all, readable by others as the umask allows.
+
+Every file and folder cfs_lightning writes goes through here: a temporary sibling is written,
+flushed to disk and renamed over the target in one step, so a reader (or a rerun after a kill)
+never meets a half-written one, and an existing one is only ever replaced by a finished one.
+`tempfile` creates its files 0600 and folders 0700; they are given the mode a plain `open` or
+`mkdir` would have (0666 / 0777 less the umask), so a colleague on a shared machine can read
+exported models, shards and results.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +18,37 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's or a folder's (its entries') writes to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_dir(out: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `out` to write into; on success it replaces `out`.
 
-    On any error the temporary directory is removed and `out` is left as it was, so readers never
-    see a half-written directory and an existing one is only ever replaced by a finished one.
+    On any error the temporary directory is removed and `out` is left as it was.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+        fsync(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -32,17 +56,24 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
 
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path` to write; on success it replaces `path` in one rename."""
+    """Yield a temporary sibling of `path` to write; on success it is flushed to disk and
+    replaces `path` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)  # mkstemp's 0600 would make results unreadable to others
+    os.chmod(name, 0o666 & ~_umask())
     try:
         yield Path(name)
+        fsync(Path(name))
         os.replace(name, path)
+        fsync(path.parent)
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` atomically (see `atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)

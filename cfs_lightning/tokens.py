@@ -18,7 +18,14 @@ generation config names. Hence:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+"""Label of positions that carry no loss (prompt and padding); torch's cross_entropy default."""
 
 DOCUMENT_SEPARATORS = ("<|endoftext|>", "<|end_of_text|>", "<eos>", "</s>", "<｜end▁of▁sentence｜>")
 """Special tokens that end a document in pretraining data: GPT-2, Pythia, OLMo, Qwen and Phi
@@ -93,3 +100,19 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase,
                          "declares no generation_config.eos_token_id, so sampling cannot stop; set one")
     return ids
 
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`model` in eval mode (dropout off) for the block; its train/eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS (padding carries
+    no label and no attention, so its value never matters)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

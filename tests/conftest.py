@@ -20,7 +20,7 @@ os.environ.update(
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from cfs_lightning.toy.init_model import init_model  # noqa: E402
+from cfs_lightning.experiments.init_model import init_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO / "data" / "tinyshakespeare"
@@ -56,7 +56,8 @@ def tiny_replay_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """40 context-free sequences sampled from the tiny model, with its top-8 log-probabilities."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cfs_lightning.generation import Budget, SamplingConfig, generate_replay
+    from cfs_lightning.sampling import Budget, SamplingConfig
+    from cfs_lightning.replay.context_free import generate_replay
 
     out = tmp_path_factory.mktemp("replay") / "cfs"
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -108,8 +109,8 @@ def tiny_task_shards(tmp_path_factory, tiny_model_dir, tiny_task_files) -> Path:
     """The tiny task's training split with high-perplexity tokens masked (task shards)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cfs_lightning.data import TaskSource
-    from cfs_lightning.generation.token_mask import token_mask
+    from cfs_lightning.tasks import TaskSource
+    from cfs_lightning.rewrite.token_mask import token_mask
 
     out = tmp_path_factory.mktemp("task_shards") / "stm"
     task = TaskSource(path="json", data_files=tiny_task_files, prompt="Question: {question}\nAnswer:",
@@ -127,8 +128,8 @@ def tiny_dialogue_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """24 self-dialogues of the tiny model (replay shards with labels)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cfs_lightning.generation import SamplingConfig
-    from cfs_lightning.generation.dialogue import self_dialogue
+    from cfs_lightning.sampling import SamplingConfig
+    from cfs_lightning.replay.dialogue import self_dialogue
 
     out = tmp_path_factory.mktemp("dialogue") / "d"
     self_dialogue(AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir),

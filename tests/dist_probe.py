@@ -11,9 +11,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from cfs_lightning.regularizers import EMA, L2ToInit
-from cfs_lightning.regularizers.base import local_shard
-from cfs_lightning.sharding import is_sharded
+from cfs_lightning.training.regularizers import EMA, L2ToInit
+from cfs_lightning.training.regularizers.base import local_shard
+from cfs_lightning.training.sharding import is_sharded
 
 
 class Probe(L.Callback):

@@ -11,11 +11,16 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cfs_lightning.cli import run_cli
-from cfs_lightning.commands import generate
-from cfs_lightning.data import ReplayConfig, ReplayDataModule, TaskDataError, TaskSource
+from cfs_lightning.experiments.runner import run_cli
+from cfs_lightning.loading import BaseModelArgs
+from cfs_lightning.replay.context_free import generate
+from cfs_lightning.shards import ShardOutput
+from cfs_lightning.data import ReplayConfig, ReplayDataModule
+from cfs_lightning.tasks import TaskDataError, TaskSource
 from cfs_lightning.evaluation import task_manager_for
-from cfs_lightning.generation import Budget, GenerationError, ReplayMismatchError, SamplingConfig, generate_replay
+from cfs_lightning.sampling import Budget, GenerationError, SamplingConfig
+from cfs_lightning.shards import ReplayMismatchError
+from cfs_lightning.replay.context_free import generate_replay
 from cfs_lightning.tokens import TokenError
 
 from .conftest import write_jsonl
@@ -34,7 +39,7 @@ def test_tokenizer_without_bos_and_no_start_token(tmp_path, tiny_model_dir):
     tok.bos_token = None
     tok.save_pretrained(no_bos)
     with pytest.raises(TokenError, match=r"has no BOS token.*set `start_token` \(sampling.start_token in YAML\)"):
-        generate(model=str(no_bos), output_dir=str(tmp_path / "r"), budget=Budget(sequences=2), device="cpu")
+        generate(BaseModelArgs(str(no_bos), device="cpu"), ShardOutput(str(tmp_path / "r")), budget=Budget(sequences=2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["no_bos"]  # nothing written
 
 
@@ -42,7 +47,7 @@ def _fit_args(tmp_path, model_dir, task_files, replay_dir, **model_args):
     config = {
         "trainer": {"accelerator": "cpu", "fast_dev_run": 1, "logger": False, "enable_progress_bar": False,
                     "default_root_dir": str(tmp_path)},
-        "model": {"class_path": "cfs_lightning.module.CausalLMFineTuner",
+        "model": {"class_path": "cfs_lightning.training.CausalLMFineTuner",
                   "init_args": {"pretrained": str(model_dir), **model_args}},
         "data": {"class_path": "cfs_lightning.data.ReplayDataModule", "init_args": {
             "task": {"path": "json", "data_files": task_files, **GSM8K_TEMPLATE},
@@ -149,7 +154,7 @@ def test_unknown_task_fails_at_setup_before_training(tmp_path, tiny_model_dir, t
 def test_regularizer_needing_a_reference_with_reference_none(tmp_path, tiny_model_dir, tiny_task_files,
                                                              tiny_replay_dir):
     args = _fit_args(tmp_path, tiny_model_dir, tiny_task_files, tiny_replay_dir, reference="none",
-                     regularizers=[{"class_path": "cfs_lightning.regularizers.KLToReference"}])
+                     regularizers=[{"class_path": "cfs_lightning.training.regularizers.KLToReference"}])
     # jsonargparse reports the module's own error among the ways it tried to build the model
     with pytest.raises(ValueError, match=r"needs the frozen reference model .* model.reference='none'; "
                                          r"set it to 'copy'"):

@@ -5,28 +5,30 @@ import pytest
 import torch
 import yaml
 
-from cfs_lightning.callbacks import load_task_yaml
-from cfs_lightning.cli import main, run_cli
-from cfs_lightning.generation import read_manifest
+from cfs_lightning.evaluation import load_task_yaml
+from cfs_lightning.cli import main
+from cfs_lightning.experiments.runner import run_cli
+from cfs_lightning.shards import read_manifest
 
 from .conftest import REPO, write_jsonl
 
-FIT_CONFIGS = ["configs/toy/pretrain.yaml", "configs/toy/finetune.yaml"]
+FIT_CONFIGS = ["configs/toy/base/pretrain.yaml", "configs/toy/base/finetune.yaml"]
 METHODS = ["ft", "cfs-nll", "cfs-kl", "cfs-kl-topk", "l2", "ema", "lora", "lora+cfs", "cs", "real-replay",
            "self-dialogue", "online", "self-output", "rephrase", "stm"]
-OVERLAYS = {f"configs/toy/{m}.yaml": "configs/toy/finetune.yaml" for m in METHODS}
+OVERLAYS = {f"configs/toy/methods/{m}.yaml": "configs/toy/base/finetune.yaml" for m in METHODS}
 STRATEGY_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/strategies").glob("*.yaml"))
 PAPER_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/paper").glob("*.yaml"))
-OVERLAYS.update({s: "configs/toy/finetune.yaml" for s in STRATEGY_CONFIGS})  # added to a run's config
-FUNCTION_CONFIGS = {"configs/toy/init.yaml": "init", "configs/toy/generate.yaml": "generate",
-                    "configs/toy/demo.yaml": "demo", "configs/toy/interpolate.yaml": "interpolate",
-                    "configs/toy/generate-contextual.yaml": "contextual",
-                    "configs/toy/generate-corpus.yaml": "corpus",
-                    "configs/toy/generate-self-output.yaml": "self-output",
-                    "configs/toy/generate-rephrase.yaml": "rephrase",
-                    "configs/toy/generate-token-mask.yaml": "token-mask",
-                    "configs/toy/generate-dialogue.yaml": "dialogue",
-                    "configs/toy/continual.yaml": "continual", "configs/toy/study.yaml": "study"}
+OVERLAYS.update({s: "configs/toy/base/finetune.yaml" for s in STRATEGY_CONFIGS})  # added to a run's config
+FUNCTION_CONFIGS = {"configs/toy/base/init.yaml": "init", "configs/toy/data/cfs.yaml": "generate",
+                    "configs/toy/demo.yaml": "study", "configs/toy/interpolate.yaml": "interpolate",
+                    "configs/toy/data/contextual.yaml": "contextual",
+                    "configs/toy/data/corpus.yaml": "corpus",
+                    "configs/toy/data/self-output.yaml": "self-output",
+                    "configs/toy/data/rephrase.yaml": "rephrase",
+                    "configs/toy/data/token-mask.yaml": "token-mask",
+                    "configs/toy/data/dialogue.yaml": "dialogue",
+                    "configs/toy/continual.yaml": "continual", "configs/toy/study.yaml": "study",
+                    "configs/paper/data/olmo1b_math.yaml": "generate"}
 TASK_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/tasks").glob("*.yaml"))
 
 
@@ -76,14 +78,14 @@ def test_task_yamls_load_with_files_resolved(config, tmp_path, monkeypatch):
 
 def test_tokenizer_is_linked_from_the_model(monkeypatch, tiny_model_dir):
     monkeypatch.chdir(REPO)
-    cli = run_cli(["--config", "configs/toy/pretrain.yaml",
+    cli = run_cli(["--config", "configs/toy/base/pretrain.yaml",
                    f"--model.init_args.pretrained={tiny_model_dir}"], run=False)
     assert cli.datamodule.tokenizer_name == str(tiny_model_dir)
 
 
 def test_pretrain_config_fast_dev_run(tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.chdir(REPO)
-    run_cli(["fit", "--config", "configs/toy/pretrain.yaml", "--trainer.fast_dev_run=2",
+    run_cli(["fit", "--config", "configs/toy/base/pretrain.yaml", "--trainer.fast_dev_run=2",
              f"--model.init_args.pretrained={tiny_model_dir}",
              f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
              f"--export.dirpath={tmp_path / 'base'}"])
@@ -102,13 +104,13 @@ ONLINE = {"class_path": "cfs_lightning.callbacks.OnlineReplay",  # online.yaml's
 @pytest.mark.parametrize("method", [None] + METHODS)
 def test_finetune_configs_fast_dev_run(method, tmp_path, monkeypatch, tiny_model_dir, tiny_replay_dir,
                                       tiny_task_shards, tiny_dialogue_dir):
-    overlay = [f"configs/toy/{method}.yaml"] if method else []
+    overlay = [f"configs/toy/methods/{method}.yaml"] if method else []
     monkeypatch.chdir(REPO)
     evals = tmp_path / "evals.yaml"
     evals.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
         "class_path": "cfs_lightning.callbacks.RetainedEval",
         "init_args": {"tasks": TASK_CONFIGS, "limit": 4, "batch_size": 4}}] + ([ONLINE] if method == "online" else [])}}))
-    args = ["fit", "--config", "configs/toy/finetune.yaml"]
+    args = ["fit", "--config", "configs/toy/base/finetune.yaml"]
     for c in overlay + [str(evals)]:
         args += ["--config", c]
     own_data = {"self-dialogue": [f"--data.init_args.replay.dir={tiny_dialogue_dir}"]}
@@ -129,8 +131,8 @@ def test_finetune_configs_fast_dev_run(method, tmp_path, monkeypatch, tiny_model
 
 
 def test_generate_command_writes_shards(tmp_path, tiny_model_dir):
-    main(["generate", f"--model={tiny_model_dir}", f"--output_dir={tmp_path / 'r'}",
-          "--budget.sequences=5", "--sampling.max_new_tokens=6", "--device=cpu"])
+    main(["generate", f"--base.model={tiny_model_dir}", f"--output.dir={tmp_path / 'r'}",
+          "--budget.sequences=5", "--sampling.max_new_tokens=6", "--base.device=cpu"])
     assert read_manifest(tmp_path / "r")["num_sequences"] == 5
 
 
@@ -155,8 +157,8 @@ def _paper_records(n: int) -> list[dict]:
 def test_paper_configs_fast_dev_run_with_a_tiny_model_of_the_same_class(config, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
-    from cfs_lightning.sharding import DecoderBlockFSDPStrategy
-    from cfs_lightning.toy.init_model import init_model
+    from cfs_lightning.training.sharding import DecoderBlockFSDPStrategy
+    from cfs_lightning.experiments.init_model import init_model
 
     hub_name, model_type, architecture = PAPER[config]
     monkeypatch.chdir(REPO)
@@ -182,22 +184,18 @@ def test_paper_configs_fast_dev_run_with_a_tiny_model_of_the_same_class(config, 
                                "replay": {"dir": str(tmp_path / "replay"), "val_size": 1}}},
         "export": {"dirpath": str(tmp_path / "hf")},
     }))
-    # The replay set is sampled by fit itself (prepare_data) where the config says how, else here.
-    gen = paper["data"]["init_args"]["replay"].get("generate")
-    extra = ["--data.init_args.replay.generate.sampling.start_token=</s>",
-             "--data.init_args.replay.generate.sampling.max_new_tokens=16"] if gen else []
-    if not gen:
-        main(["generate", f"--model={model_dir}", f"--output_dir={tmp_path / 'replay'}",
-              "--budget.sequences=24", "--sampling.max_new_tokens=16", "--device=cpu"])
-    cli = run_cli(["fit", "--config", config, "--config", str(overrides), *extra])
+    # The replay set is written first, as the configs' headers say.
+    main(["generate", f"--base.model={model_dir}", f"--output.dir={tmp_path / 'replay'}",
+          "--budget.sequences=24", "--sampling.max_new_tokens=16", "--base.device=cpu"])
+    cli = run_cli(["fit", "--config", config, "--config", str(overrides)])
     assert type(cli.model.hf_model).__name__ == architecture
     assert "train/reg/nll_replay" in cli.trainer.callback_metrics
     assert "eval/gsm8k_answers/bits_per_byte" in cli.trainer.callback_metrics
     assert (tmp_path / "replay" / "manifest.json").is_file() and (tmp_path / "hf" / "config.json").is_file()
     strategy = paper["trainer"].get("strategy")
     if strategy:  # FSDP1 needs a GPU; its wrap policy is read from this very model class
-        assert strategy["class_path"] == "cfs_lightning.sharding.DecoderBlockFSDPStrategy"
-        from cfs_lightning.sharding import decoder_block_classes
+        assert strategy["class_path"] == "cfs_lightning.training.sharding.DecoderBlockFSDPStrategy"
+        from cfs_lightning.training.sharding import decoder_block_classes
 
         assert {c.__name__ for c in decoder_block_classes(cli.model.model)} == {"LlamaDecoderLayer"}
         with pytest.raises(ValueError, match="builds its auto_wrap_policy"):
@@ -207,17 +205,17 @@ def test_paper_configs_fast_dev_run_with_a_tiny_model_of_the_same_class(config, 
 def test_data_method_commands_run_from_yaml(tmp_path, tiny_model_dir, tiny_task_files, capsys):
     task = {"path": "json", "data_files": tiny_task_files, "split": "train[:4]", "max_length": 512,
             "prompt": "Question: {question}\nAnswer:", "response": " {answer}"}
-    common = {"model": str(tiny_model_dir), "device": "cpu"}
+    common = {"base": {"model": str(tiny_model_dir), "device": "cpu"}}
     runs = {
         "self-output": {"task": task, "num_samples": 2, "sampling": {"max_new_tokens": 6, "batch_size": 8}},
         "rephrase": {"task": task, "sampling": {"max_new_tokens": 6}},
         "token-mask": {"task": task, "tau": 600.0, "mode": "random"},
-        "dialogue": {"num_dialogues": 3, "seeds": ["rain"], "chat_template": str(REPO / "configs/toy/chat_template.jinja"),
+        "dialogue": {"num_dialogues": 3, "seeds": ["rain"], "chat_template": str(REPO / "configs/toy/base/chat_template.jinja"),
                      "sampling": {"max_new_tokens": 6}},
     }
     for command, cfg in runs.items():
         path = tmp_path / f"{command}.yaml"
-        path.write_text(yaml.safe_dump({**common, **cfg, "output_dir": str(tmp_path / command)}))
+        path.write_text(yaml.safe_dump({**common, **cfg, "output": {"dir": str(tmp_path / command)}}))
         main([command, "--config", str(path)])
         manifest = read_manifest(tmp_path / command)
         assert manifest["source"] == {"self-output": "self_output", "token-mask": "token_mask",

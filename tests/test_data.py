@@ -3,16 +3,10 @@ import logging
 import pytest
 import torch
 
-from cfs_lightning.data import (
-    IGNORE_INDEX,
-    CyclingSampler,
-    ReplayConfig,
-    ReplayDataModule,
-    TaskDataError,
-    TaskSource,
-    replay_batch_size,
-)
-from cfs_lightning.generation import ReplayMismatchError
+from cfs_lightning.tokens import IGNORE_INDEX
+from cfs_lightning.data import CyclingSampler, ReplayConfig, ReplayDataModule, replay_batch_size
+from cfs_lightning.tasks import TaskDataError, TaskSource
+from cfs_lightning.shards import ReplayMismatchError
 
 from .conftest import write_jsonl
 
@@ -117,7 +111,9 @@ def test_val_dir_measures_replay_nll_on_another_set_and_trains_on_all_of_dir(
         tmp_path, tiny_model_dir, tiny_task_files, tiny_replay_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cfs_lightning.generation import Budget, SamplingConfig, generate_replay, load_shards
+    from cfs_lightning.sampling import Budget, SamplingConfig
+    from cfs_lightning.replay.context_free import generate_replay
+    from cfs_lightning.shards import load_shards
 
     held_out = tmp_path / "held_out"
     generate_replay(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
@@ -135,7 +131,7 @@ def test_val_dir_measures_replay_nll_on_another_set_and_trains_on_all_of_dir(
 
 
 def test_shards_of_another_tokenizer_are_refused(tmp_path, tiny_task_files, tiny_replay_dir):
-    from cfs_lightning.toy.init_model import init_model
+    from cfs_lightning.experiments.init_model import init_model
 
     from .conftest import SHAKESPEARE, TINY_LLAMA
 
@@ -161,22 +157,23 @@ def test_collated_task_batch_is_long(tiny_model_dir, tiny_task_files):
     assert all(t.dtype == torch.long for t in b.values())
 
 
-def test_prepare_data_generates_missing_shards_from_the_model(tmp_path, tiny_model_dir, tiny_task_files):
+def test_the_module_checks_the_replay_against_its_base_weights(tmp_path, tiny_model_dir, tiny_task_files,
+                                                              tiny_replay_dir):
     import lightning as L
 
-    from cfs_lightning.data import ReplayGeneration
-    from cfs_lightning.generation import Budget, SamplingConfig, model_fingerprint, read_manifest
-    from cfs_lightning.module import CFSFineTuner
+    from cfs_lightning.shards import read_manifest
+    from cfs_lightning.training import CFSFineTuner
 
-    replay_dir = tmp_path / "generated"
-    gen = ReplayGeneration(SamplingConfig(max_new_tokens=8, batch_size=8), Budget(fraction=0.25))
     dm = ReplayDataModule(_source(tiny_task_files), tokenizer=str(tiny_model_dir), batch_size=4, replay_ratio=0.5,
-                          replay=ReplayConfig(dir=str(replay_dir), val_size=2, generate=gen))
+                          replay=ReplayConfig(dir=str(tiny_replay_dir), val_size=2))
+    dm.setup("fit")  # the DataModule holds no model: it lists what the model must match
+    ((manifest, waiver),) = dm.shard_manifests.values()
+    assert manifest == read_manifest(tiny_replay_dir) and "replay.strict=false" in waiver
     model = CFSFineTuner(str(tiny_model_dir))
-    base_print = model_fingerprint(model.model)
-    L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, limit_val_batches=0).fit(model, datamodule=dm)
-    manifest = read_manifest(replay_dir)
-    assert manifest["num_sequences"] == 16  # 25% of the 64 task examples
-    assert manifest["model_fingerprint"] == base_print  # sampled before any training step
-    assert model.model.training
+    with torch.no_grad():
+        next(model.model.parameters()).add_(1.0)  # no longer the weights the replay was sampled from
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    with pytest.raises(ReplayMismatchError, match="not from the model being fine-tuned"):
+        trainer.fit(model, datamodule=dm)
+

@@ -73,14 +73,14 @@ def fit_config(out: Path, model_dir: Path, task_files: dict, replay_dir: Path, t
                 {"class_path": "tests.dist_probe.Probe", "init_args": {"out": str(out / "probe")}},
             ],
         },
-        "model": {"class_path": "cfs_lightning.module.CausalLMFineTuner", "init_args": {
+        "model": {"class_path": "cfs_lightning.training.CausalLMFineTuner", "init_args": {
             "pretrained": str(model_dir),
             "regularizers": [
-                {"class_path": "cfs_lightning.regularizers.NLLReplay"},
-                {"class_path": "cfs_lightning.regularizers.KLToReference",
+                {"class_path": "cfs_lightning.training.regularizers.NLLReplay"},
+                {"class_path": "cfs_lightning.training.regularizers.KLToReference",
                  "init_args": {"weight": 0.5, "chunk_size": 8}},
-                {"class_path": "cfs_lightning.regularizers.L2ToInit", "init_args": {"weight": 0.01}},
-                {"class_path": "cfs_lightning.regularizers.EMA", "init_args": {"decay": 0.5}},
+                {"class_path": "cfs_lightning.training.regularizers.L2ToInit", "init_args": {"weight": 0.01}},
+                {"class_path": "cfs_lightning.training.regularizers.EMA", "init_args": {"decay": 0.5}},
             ],
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
         }},
@@ -168,13 +168,15 @@ def test_two_process_fit_checkpoint_resume_and_eval(strategy, tmp_path, tiny_mod
 
 @pytest.mark.parametrize("budget", [["--budget.sequences=37"], ["--budget.tokens=301"]])
 def test_generation_on_two_processes_splits_the_budget_exactly(budget, tmp_path, tiny_model_dir):
-    from cfs_lightning.generation import Budget, SamplingConfig, generate_replay, load_shards, read_manifest
+    from cfs_lightning.sampling import Budget, SamplingConfig
+    from cfs_lightning.replay.context_free import generate_replay
+    from cfs_lightning.shards import load_shards, read_manifest
 
     out = tmp_path / "replay"
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-            "-m", "cfs_lightning.cli", "generate", f"--model={tiny_model_dir}", f"--output_dir={out}",
+            "-m", "cfs_lightning.cli", "generate", f"--base.model={tiny_model_dir}", f"--output.dir={out}",
             "--sampling.batch_size=8", "--sampling.max_new_tokens=20", "--sampling.seed=3",
-            "--shard_size=4", "--store_topk=3", "--device=cpu", *budget]
+            "--output.shard_size=4", "--store_topk=3", "--base.device=cpu", *budget]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]

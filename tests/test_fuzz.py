@@ -14,9 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cfs_lightning.data import IGNORE_INDEX, TaskDataError, TaskSource
-from cfs_lightning.generation.shards import ReplayIntegrityError, check_rows, load_shards, provenance
-from cfs_lightning.generation.writer import write_shards
+from cfs_lightning.tokens import IGNORE_INDEX
+from cfs_lightning.tasks import TaskDataError, TaskSource
+from cfs_lightning.shards import ReplayIntegrityError, load_shards, provenance
+from cfs_lightning.shards.reader import check_rows
+from cfs_lightning.shards import write_shards
 
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -4,19 +4,9 @@ import pytest
 import torch
 from datasets import Dataset
 
-from cfs_lightning.generation import (
-    Budget,
-    GenerationError,
-    ReplayMismatchError,
-    SamplingConfig,
-    check_manifest,
-    generate_replay,
-    load_shards,
-    model_fingerprint,
-    read_manifest,
-    sample_context_free,
-    tokenizer_fingerprint,
-)
+from cfs_lightning.sampling import Budget, GenerationError, SamplingConfig, sample_context_free
+from cfs_lightning.shards import ReplayMismatchError, check_manifest, load_shards, model_fingerprint, read_manifest, tokenizer_fingerprint
+from cfs_lightning.replay.context_free import generate_replay
 from cfs_lightning.tokens import TokenError
 
 
@@ -59,7 +49,7 @@ def test_same_seed_same_sequences_other_seed_differs(tiny_model, tiny_tokenizer)
 
 
 def test_default_sampling_is_untruncated_temperature_one(tiny_model, tiny_tokenizer):
-    from cfs_lightning.generation.sampler import InverseCDFSampler, TopKRecorder, _processors
+    from cfs_lightning.sampling import InverseCDFSampler, TopKRecorder, _processors
 
     logits = torch.randn(3, tiny_model.config.vocab_size)
     chain = _processors(SamplingConfig(), TopKRecorder(2))
@@ -87,13 +77,13 @@ def test_default_sampling_is_untruncated_temperature_one(tiny_model, tiny_tokeni
 
 
 def _generation_config_for_test(tokenizer):
-    from cfs_lightning.generation.sampler import _generation_config
+    from cfs_lightning.sampling import _generation_config
 
     return _generation_config(SamplingConfig(max_new_tokens=4), [tokenizer.eos_token_id], tokenizer.pad_token_id)
 
 
 def test_inverse_cdf_sampler_draws_from_the_softmax_and_never_a_masked_token():
-    from cfs_lightning.generation.sampler import InverseCDFSampler
+    from cfs_lightning.sampling import InverseCDFSampler
 
     torch.manual_seed(0)
     logits = torch.tensor([[2.0, 0.0, -1.0, float("-inf"), 1.0, float("-inf")]]).repeat(20_000, 1)
@@ -219,7 +209,8 @@ def _has_vllm() -> bool:
 
 @pytest.mark.skipif(_has_vllm(), reason="vLLM is installed: the missing-dependency error cannot occur")
 def test_vllm_backend_without_vllm_is_a_clear_error_and_writes_nothing(tmp_path, tiny_model, tiny_tokenizer):
-    from cfs_lightning.generation import Budget, SamplingConfig, generate_replay
+    from cfs_lightning.sampling import Budget, SamplingConfig
+    from cfs_lightning.replay.context_free import generate_replay
 
     with pytest.raises(GenerationError, match=r"pip install 'cfs-lightning\[vllm\]'"):
         generate_replay(tiny_model, tiny_tokenizer, tmp_path / "r", SamplingConfig(), Budget(sequences=2),
@@ -235,7 +226,9 @@ def test_vllm_backend_without_vllm_is_a_clear_error_and_writes_nothing(tmp_path,
 def test_vllm_backend_writes_the_replay_format(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cfs_lightning.generation import Budget, SamplingConfig, generate_replay, load_shards, read_manifest
+    from cfs_lightning.sampling import Budget, SamplingConfig
+    from cfs_lightning.replay.context_free import generate_replay
+    from cfs_lightning.shards import load_shards, read_manifest
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -16,9 +16,11 @@ import pytest
 import yaml
 from datasets import Dataset
 
-from cfs_lightning.generation import Budget, SamplingConfig, generate_replay, load_shards, read_manifest
-from cfs_lightning.generation.shards import ReplayIntegrityError, provenance
-from cfs_lightning.generation.writer import write_shards
+from cfs_lightning.sampling import Budget, SamplingConfig
+from cfs_lightning.replay.context_free import generate_replay
+from cfs_lightning.shards import load_shards, read_manifest
+from cfs_lightning.shards import ReplayIntegrityError, provenance
+from cfs_lightning.shards import write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,12 +57,12 @@ def test_resume_after_each_crash_window_equals_an_uninterrupted_run(tmp_path, ti
     generate_replay(tiny_model, tiny_tokenizer, tmp_path / "whole", cfg, budget, shard_size=3)
     whole = rows(tmp_path / "whole")
 
-    from cfs_lightning.generation import writer
+    from cfs_lightning.shards import writer
 
     real = writer.write_shards
     out, partial = tmp_path / "r", tmp_path / "r.partial"
     # 1. killed while the third batch is sampled: 8 records handed out, two shards of 3 recorded
-    monkeypatch.setattr("cfs_lightning.generation.generate.write_shards",
+    monkeypatch.setattr("cfs_lightning.replay.context_free.write_shards",
                         lambda d, stream, *a: real(d, dying(stream, 10), *a))
     with pytest.raises(Killed):
         generate_replay(tiny_model, tiny_tokenizer, out, cfg, budget, shard_size=3)
@@ -71,7 +73,7 @@ def test_resume_after_each_crash_window_equals_an_uninterrupted_run(tmp_path, ti
     with pytest.raises(Killed):
         generate_replay(tiny_model, tiny_tokenizer, out, cfg, budget, shard_size=3)
     assert partial_rows(partial) == whole[:15]  # resumed at record 6; 10 more handed out, 9 recorded
-    monkeypatch.setattr("cfs_lightning.generation.generate.write_shards", real)
+    monkeypatch.setattr("cfs_lightning.replay.context_free.write_shards", real)
     generate_replay(tiny_model, tiny_tokenizer, out, cfg, budget, shard_size=3)
     assert rows(out) == whole and not partial.exists()  # no duplicate, no gap, same order
     assert read_manifest(out)["num_generated_tokens"] == read_manifest(tmp_path / "whole")["num_generated_tokens"]
@@ -149,7 +151,7 @@ def test_directory_that_does_not_match_its_manifest_is_refused(tmp_path, tiny_mo
 
 
 def _generate_config(tmp_path: Path, model_dir: Path, out: Path, budget: dict) -> Path:
-    config = {"model": str(model_dir), "output_dir": str(out), "device": "cpu", "shard_size": 2,
+    config = {"base": {"model": str(model_dir), "device": "cpu"}, "output": {"dir": str(out), "shard_size": 2},
               "budget": budget,
               "sampling": {"max_new_tokens": 48, "stop_at_eos": False, "batch_size": 2, "seed": 5}}
     path = tmp_path / f"generate-{out.name}.yaml"

@@ -21,13 +21,17 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
-from cfs_lightning import reference as reference_module
-from cfs_lightning.cli import main, run_cli
-from cfs_lightning.data import IGNORE_INDEX, TaskSource
-from cfs_lightning.data.chat import ChatTemplateError, encode_chat
+from cfs_lightning.training import reference as reference_module
+from cfs_lightning.cli import main
+from cfs_lightning.experiments.runner import run_cli
+from cfs_lightning.tokens import IGNORE_INDEX
+from cfs_lightning.tasks import TaskSource
+from cfs_lightning.chat import ChatTemplateError, encode_chat
 from cfs_lightning.evaluation import evaluate_lm, load_task_yaml
-from cfs_lightning.generation import Budget, SamplingConfig, generate_replay, load_shards, read_manifest
-from cfs_lightning.reference import FrozenReference, ReferenceError
+from cfs_lightning.sampling import Budget, SamplingConfig
+from cfs_lightning.replay.context_free import generate_replay
+from cfs_lightning.shards import load_shards, read_manifest
+from cfs_lightning.training.reference import FrozenReference, ReferenceError
 from cfs_lightning.tokens import TokenError
 
 from .conftest import GSM8K, REPO, make_eos_prone
@@ -82,14 +86,14 @@ def _stops(family, tok) -> set[int]:
 def test_generate_starts_where_documents_start_and_ends_at_every_declared_stop(family, family_dir, tmp_path):
     model_dir = family_dir(family.name)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    args = ["generate", f"--model={model_dir}", "--budget.sequences=6", "--sampling.max_new_tokens=8",
-            "--sampling.batch_size=6", "--store_topk=4", "--device=cpu"]
+    args = ["generate", f"--base.model={model_dir}", "--budget.sequences=6", "--sampling.max_new_tokens=8",
+            "--sampling.batch_size=6", "--store_topk=4", "--base.device=cpu"]
     if family.start_token:  # no BOS: refused, and the advice names the document separator
         with pytest.raises(TokenError, match=re.escape(f"to its document separator '{family.start_token}'")):
-            main([*args, f"--output_dir={tmp_path / 'refused'}"])
+            main([*args, f"--output.dir={tmp_path / 'refused'}"])
         assert not (tmp_path / "refused").exists()
         args.append(f"--sampling.start_token={family.start_token}")
-    main([*args, f"--output_dir={tmp_path / 'r'}"])
+    main([*args, f"--output.dir={tmp_path / 'r'}"])
     manifest = read_manifest(tmp_path / "r")
     stops = _stops(family, tok)
     assert set(manifest["stop_token_ids"]) == stops and manifest["start_token"] == family.start
@@ -129,15 +133,15 @@ def _fit_config(family, model_dir, replay_dir, tmp_path) -> dict:
                     "default_root_dir": str(tmp_path),
                     "callbacks": [{"class_path": "cfs_lightning.callbacks.RetainedEval",
                                    "init_args": {"tasks": [HELDOUT], "limit": 3, "batch_size": 4}}]},
-        "model": {"class_path": "cfs_lightning.module.CausalLMFineTuner", "init_args": {
+        "model": {"class_path": "cfs_lightning.training.CausalLMFineTuner", "init_args": {
             "pretrained": str(model_dir), "reference": "copy",
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
             "regularizers": [
-                {"class_path": "cfs_lightning.regularizers.NLLReplay"},
-                {"class_path": "cfs_lightning.regularizers.KLToReference", "init_args": {"chunk_size": 8}},
-                {"class_path": "cfs_lightning.regularizers.KLFromCachedTopK"},
-                {"class_path": "cfs_lightning.regularizers.L2ToInit", "init_args": {"weight": 0.01}},
-                {"class_path": "cfs_lightning.regularizers.EMA", "init_args": {"decay": 0.5, "final": "ema"}},
+                {"class_path": "cfs_lightning.training.regularizers.NLLReplay"},
+                {"class_path": "cfs_lightning.training.regularizers.KLToReference", "init_args": {"chunk_size": 8}},
+                {"class_path": "cfs_lightning.training.regularizers.KLFromCachedTopK"},
+                {"class_path": "cfs_lightning.training.regularizers.L2ToInit", "init_args": {"weight": 0.01}},
+                {"class_path": "cfs_lightning.training.regularizers.EMA", "init_args": {"decay": 0.5, "final": "ema"}},
             ]}},
         "data": {"class_path": "cfs_lightning.data.ReplayDataModule", "init_args": {
             "task": {"path": "json", "data_files": {"train": str(GSM8K / "train.jsonl"),
@@ -192,7 +196,7 @@ def test_lora_default_targets_fit_with_kl_to_the_adapters_disabled_model(family,
     config["trainer"].update(max_steps=2, callbacks=[])
     config["model"]["init_args"].update(
         reference="adapters_disabled", lora={"r": 4, "alpha": 8},
-        regularizers=[{"class_path": "cfs_lightning.regularizers.KLToReference"}])
+        regularizers=[{"class_path": "cfs_lightning.training.regularizers.KLToReference"}])
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
     monkeypatch.chdir(tmp_path)
     cli = run_cli(["fit", "--config", str(tmp_path / "fit.yaml")])
@@ -230,8 +234,8 @@ def test_chat_task_trains_on_the_assistant_turn_as_the_template_renders_it(famil
 def test_dialogue_command_runs_on_the_checkpoint_chat_template(family, family_dir, tmp_path):
     model_dir = family_dir(family.name)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    main(["dialogue", f"--model={model_dir}", f"--output_dir={tmp_path / 'd'}", "--num_dialogues=2",
-          "--seeds=[rain]", "--seed_template=Tell me of {seed}.", "--turns=1", "--sampling.max_new_tokens=6", "--device=cpu"])
+    main(["dialogue", f"--base.model={model_dir}", f"--output.dir={tmp_path / 'd'}", "--num_dialogues=2",
+          "--seeds=[rain]", "--seed_template=Tell me of {seed}.", "--turns=1", "--sampling.max_new_tokens=6", "--base.device=cpu"])
     rows = list(load_shards(tmp_path / "d"))
     assert len(rows) == 2
     for row in rows:
@@ -274,7 +278,7 @@ def test_gemma2_soft_capped_logits_reach_the_kl_reference(family_dir, monkeypatc
 
 
 def test_packed_corpus_separates_documents_with_the_qwen3_document_separator(family_dir, tmp_path):
-    from cfs_lightning.generation.corpus import CorpusSource, corpus_replay
+    from cfs_lightning.replay.corpus import CorpusSource, corpus_replay
 
     tok = AutoTokenizer.from_pretrained(family_dir("qwen3"))
     text = tmp_path / "docs.txt"

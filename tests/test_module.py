@@ -2,9 +2,11 @@ import lightning as L
 import pytest
 import torch
 
-from cfs_lightning.data import IGNORE_INDEX, ReplayConfig, ReplayDataModule, TaskSource
-from cfs_lightning.module import CausalLMFineTuner, CFSFineTuner
-from cfs_lightning.regularizers import NLLReplay, Regularizer
+from cfs_lightning.tokens import IGNORE_INDEX
+from cfs_lightning.data import ReplayConfig, ReplayDataModule
+from cfs_lightning.tasks import TaskSource
+from cfs_lightning.training import CausalLMFineTuner, CFSFineTuner
+from cfs_lightning.training.regularizers import NLLReplay, Regularizer
 
 
 def test_nll_replay_matches_float64_hand_computation():
@@ -89,7 +91,7 @@ def test_terms_are_weighted_summed_and_logged(tiny_model_dir, tiny_task_files, t
     # val/replay_nll is the token-weighted NLL of the held-out replay sequences
     replay_val = next(iter(dm.val_dataloader()[1]))["replay"]
     with torch.no_grad():
-        from cfs_lightning.losses import mean_token_nll
+        from cfs_lightning.training.losses import mean_token_nll
 
         expected_nll = mean_token_nll(model(replay_val["input_ids"], replay_val["attention_mask"]),
                                       replay_val["labels"])
@@ -125,8 +127,8 @@ def test_readme_preset_subclass_runs_from_the_cli(tmp_path, monkeypatch, tiny_mo
     """The README's subclassing example is real code: import it as a module and fit with it."""
     import re
 
-    from cfs_lightning.cli import run_cli
-    from cfs_lightning.regularizers import L2ToInit
+    from cfs_lightning.experiments.runner import run_cli
+    from cfs_lightning.training.regularizers import L2ToInit
 
     from .conftest import REPO
 
@@ -135,7 +137,7 @@ def test_readme_preset_subclass_runs_from_the_cli(tmp_path, monkeypatch, tiny_mo
     (tmp_path / "my_presets.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(REPO)
-    cli = run_cli(["fit", "--config", "configs/toy/finetune.yaml", "--model", "my_presets.ReplayL2FineTuner",
+    cli = run_cli(["fit", "--config", "configs/toy/base/finetune.yaml", "--model", "my_presets.ReplayL2FineTuner",
                    "--model.l2_weight", "0.05", "--trainer.fast_dev_run=1", "--trainer.callbacks=[]",
                    f"--model.pretrained={tiny_model_dir}", f"--data.init_args.replay.dir={tiny_replay_dir}",
                    "--data.init_args.replay.val_size=8", f"--trainer.logger.init_args.save_dir={tmp_path}",

@@ -12,11 +12,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cfs_lightning.callbacks import OnlineReplay
 from cfs_lightning.callbacks.online_replay import merge_batches
-from cfs_lightning.continual import Stage, continual, summarize
-from cfs_lightning.data import ReplayConfig, ReplayDataModule, ReplayGeneration, TaskSource
-from cfs_lightning.generation import Budget, SamplingConfig, read_manifest, sample_context_free
-from cfs_lightning.module import CausalLMFineTuner
-from cfs_lightning.regularizers import KLFromCachedTopK, NLLReplay
+from cfs_lightning.experiments.continual import Stage, continual, summarize
+from cfs_lightning.data import ReplayConfig, ReplayDataModule
+from cfs_lightning.experiments.continual import FreshReplay
+from cfs_lightning.tasks import TaskSource
+from cfs_lightning.sampling import Budget, SamplingConfig, sample_context_free
+from cfs_lightning.shards import read_manifest
+from cfs_lightning.training import CausalLMFineTuner
+from cfs_lightning.training.regularizers import KLFromCachedTopK, NLLReplay
 
 from .conftest import REPO
 
@@ -104,8 +107,8 @@ def test_continual_runs_stages_in_order_with_fresh_and_kept_replay(tmp_path, mon
 
     stages = [stage("answers", "Question: {question}\nAnswer:", " {answer}", "configs/tasks/gsm8k_answers.yaml"),
               stage("questions", "Answer: {answer}\nQuestion:", " {question}", "configs/tasks/gsm8k_questions.yaml")]
-    fresh = ReplayGeneration(sampling=SamplingConfig(max_new_tokens=8, batch_size=8, seed=1), budget=Budget(sequences=8))
-    kwargs = dict(fit_configs=["configs/toy/finetune.yaml", "configs/toy/cfs-nll.yaml"], stages=stages,
+    fresh = FreshReplay(sampling=SamplingConfig(max_new_tokens=8, batch_size=8, seed=1), budget=Budget(sequences=8))
+    kwargs = dict(fit_configs=["configs/toy/base/finetune.yaml", "configs/toy/methods/cfs-nll.yaml"], stages=stages,
                   output_dir=str(tmp_path / "c"), retained_tasks=["configs/tasks/shakespeare_heldout.yaml"],
                   fresh_replay=fresh, keep_replay=True, eval_batch_size=4, eval_limit=4,
                   fit_args=["--trainer.max_steps=2", f"--model.init_args.pretrained={tiny_model_dir}",

@@ -8,10 +8,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from cfs_lightning.callbacks import HFExport
-from cfs_lightning.lora import LoRA
-from cfs_lightning.module import CausalLMFineTuner
-from cfs_lightning.reference import ReferenceError
-from cfs_lightning.regularizers import EMA, KLFromCachedTopK, KLToReference, L2ToInit, NLLReplay
+from cfs_lightning.training.lora import LoRA
+from cfs_lightning.training import CausalLMFineTuner
+from cfs_lightning.training.reference import ReferenceError
+from cfs_lightning.training.regularizers import EMA, KLFromCachedTopK, KLToReference, L2ToInit, NLLReplay
 
 from .test_module import _datamodule
 

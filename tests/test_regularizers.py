@@ -6,15 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from cfs_lightning.data import IGNORE_INDEX
-from cfs_lightning.regularizers import (
-    EMA,
-    KLFromCachedTopK,
-    KLToReference,
-    L2ToInit,
-    token_divergence,
-    topk_forward_kl,
-)
+from cfs_lightning.tokens import IGNORE_INDEX
+from cfs_lightning.training.regularizers import EMA, KLFromCachedTopK, KLToReference, L2ToInit, token_divergence, topk_forward_kl
 
 V = 7
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from cfs_lightning.data import TaskSource
-from cfs_lightning.generation import Budget, GenerationError, SamplingConfig, check_manifest, load_shards, read_manifest
-from cfs_lightning.generation.contextual import contextual_replay
-from cfs_lightning.generation.corpus import CorpusSource, corpus_replay
+from cfs_lightning.tasks import TaskSource
+from cfs_lightning.sampling import Budget, GenerationError, SamplingConfig
+from cfs_lightning.shards import check_manifest, load_shards, read_manifest
+from cfs_lightning.replay.contextual import contextual_replay
+from cfs_lightning.replay.corpus import CorpusSource, corpus_replay
 
 from .conftest import SHAKESPEARE, write_jsonl
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cfs_lightning.report import find_runs, load_run, method_and_seed, report
+from cfs_lightning.experiments.report import find_runs, load_run, method_and_seed, report
 
 RET, DOWN = "held/bits_per_byte", "task/acc"  # retained lower-is-better, downstream higher-is-better
 

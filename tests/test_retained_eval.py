@@ -7,9 +7,11 @@ import lightning as L
 import pytest
 import torch
 
-from cfs_lightning.callbacks import RetainedEval, task_specs
-from cfs_lightning.data import ReplayDataModule, TaskSource
-from cfs_lightning.module import CausalLMFineTuner
+from cfs_lightning.callbacks import RetainedEval
+from cfs_lightning.evaluation import task_specs
+from cfs_lightning.data import ReplayDataModule
+from cfs_lightning.tasks import TaskSource
+from cfs_lightning.training import CausalLMFineTuner
 
 from .conftest import write_jsonl
 

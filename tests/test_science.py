@@ -10,12 +10,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cfs_lightning.data import ReplayConfig, ReplayDataModule, TaskSource
-from cfs_lightning.generation import Budget, SamplingConfig, generate_replay
-from cfs_lightning.losses import token_nll
-from cfs_lightning.module import CausalLMFineTuner
-from cfs_lightning.regularizers import NLLReplay
-from cfs_lightning.toy.init_model import init_model
+from cfs_lightning.data import ReplayConfig, ReplayDataModule
+from cfs_lightning.tasks import TaskSource
+from cfs_lightning.sampling import Budget, SamplingConfig
+from cfs_lightning.replay.context_free import generate_replay
+from cfs_lightning.training.losses import token_nll
+from cfs_lightning.training import CausalLMFineTuner
+from cfs_lightning.training.regularizers import NLLReplay
+from cfs_lightning.experiments.init_model import init_model
 
 from .conftest import GSM8K, SHAKESPEARE
 

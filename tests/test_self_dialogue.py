@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from cfs_lightning.data import IGNORE_INDEX, Collator
-from cfs_lightning.generation import GenerationError, SamplingConfig, load_shards, read_manifest
-from cfs_lightning.generation.dialogue import encode_dialogue, self_dialogue, use_chat_template
+from cfs_lightning.tokens import IGNORE_INDEX
+from cfs_lightning.data import Collator
+from cfs_lightning.sampling import GenerationError, SamplingConfig
+from cfs_lightning.shards import load_shards, read_manifest
+from cfs_lightning.replay.dialogue import encode_dialogue, self_dialogue, use_chat_template
 
 from .conftest import CHAT_TEMPLATE
 

@@ -4,8 +4,8 @@ import shutil
 import pytest
 import yaml
 
-import cfs_lightning.cli
-from cfs_lightning.study import DataStep, Method, WiseFT, study
+import cfs_lightning.experiments.study
+from cfs_lightning.experiments.study import DataStep, Method, WiseFT, study
 
 from .conftest import REPO
 
@@ -15,16 +15,16 @@ RET, DOWN = "shakespeare_heldout/bits_per_byte", "gsm8k_answers/bits_per_byte"
 
 def _study(tiny_model_dir, out, **kw):
     return study(
-        base=str(tiny_model_dir), fit_config="configs/toy/finetune.yaml", retained=RET, downstream=DOWN,
+        base=str(tiny_model_dir), fit_config="configs/toy/base/finetune.yaml", retained=RET, downstream=DOWN,
         output_dir=str(out), seeds=[0, 1],
         fit_args=["--data.init_args.task.split=train[:24]", "--data.init_args.task.val_split=test[:4]",
                   "--data.init_args.batch_size=4", "--trainer.max_epochs=2",
                   "--trainer.callbacks.init_args.limit=4", "--trainer.callbacks.init_args.batch_size=4",
                   "--data.init_args.replay.dir={data.cfs}", "--data.init_args.replay.val_size=8"],
-        data=[DataStep("cfs", "generate", "configs/toy/generate.yaml",
+        data=[DataStep("cfs", "generate", "configs/toy/data/cfs.yaml",
                        {"budget.sequences": 20, "sampling.max_new_tokens": 8, "sampling.batch_size": 10,
                         "store_topk": 0})],
-        methods=[Method("ft", ["configs/toy/ft.yaml"]), Method("cfs", ["configs/toy/cfs-nll.yaml"], seeds=[0])],
+        methods=[Method("ft", ["configs/toy/methods/ft.yaml"]), Method("cfs", ["configs/toy/methods/cfs-nll.yaml"], seeds=[0])],
         wise_ft=WiseFT(TASKS, alphas=[0.0, 0.5, 1.0], batch_size=4, limit=4), **kw)
 
 
@@ -32,8 +32,8 @@ def test_study_fits_every_method_and_seed_reports_and_resumes(tmp_path, monkeypa
     monkeypatch.chdir(REPO)
     out = tmp_path / "study"
     calls = []
-    real_fit = cfs_lightning.cli.run_fit
-    monkeypatch.setattr(cfs_lightning.cli, "run_fit", lambda *a: calls.append(a) or real_fit(*a))
+    real_fit = cfs_lightning.experiments.study.run_fit
+    monkeypatch.setattr(cfs_lightning.experiments.study, "run_fit", lambda *a: calls.append(a) or real_fit(*a))
     summary = _study(tiny_model_dir, out)
     assert len(calls) == 3  # ft x 2 seeds, cfs x 1 seed
     runs = out / "methods"
@@ -65,10 +65,10 @@ def test_study_fits_every_method_and_seed_reports_and_resumes(tmp_path, monkeypa
 def test_study_config_errors_are_named_before_anything_runs(tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.chdir(REPO)
     with pytest.raises(KeyError, match=r"method ft: unknown placeholder \{data.nope\}"):
-        study(str(tiny_model_dir), "configs/toy/finetune.yaml", [Method("ft", args=["--x={data.nope}"])],
+        study(str(tiny_model_dir), "configs/toy/base/finetune.yaml", [Method("ft", args=["--x={data.nope}"])],
               RET, DOWN, output_dir=str(tmp_path / "s"))
     with pytest.raises(ValueError, match="baseline='ft' is not one of the methods"):
-        study(str(tiny_model_dir), "configs/toy/finetune.yaml", [Method("plain")], RET, DOWN,
+        study(str(tiny_model_dir), "configs/toy/base/finetune.yaml", [Method("plain")], RET, DOWN,
               output_dir=str(tmp_path / "s"))
     assert not (tmp_path / "s").exists()
 

@@ -9,11 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cfs_lightning.data import IGNORE_INDEX, ReplayConfig, ReplayDataModule, TaskSource
-from cfs_lightning.generation import GenerationError, SamplingConfig, load_shards, read_manifest
-from cfs_lightning.generation.self_output import _lowest_perplexity, self_generated_targets
-from cfs_lightning.generation.token_mask import mask_tokens, token_mask
-from cfs_lightning.generation.verifiers import GSM8KAnswer, RegexMatch, Verifier, VerifierError
+from cfs_lightning.tokens import IGNORE_INDEX
+from cfs_lightning.data import ReplayConfig, ReplayDataModule
+from cfs_lightning.tasks import TaskSource
+from cfs_lightning.sampling import GenerationError, SamplingConfig
+from cfs_lightning.shards import load_shards, read_manifest
+from cfs_lightning.rewrite.self_output import _lowest_perplexity, self_generated_targets
+from cfs_lightning.rewrite.token_mask import mask_tokens, token_mask
+from cfs_lightning.rewrite.verifiers import GSM8KAnswer, RegexMatch, Verifier, VerifierError
 
 from .conftest import make_eos_prone, write_jsonl
 

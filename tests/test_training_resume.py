@@ -17,9 +17,10 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from cfs_lightning.data import ReplayConfig, ReplayDataModule, TaskSource
-from cfs_lightning.module import CausalLMFineTuner, NonFiniteLossError
-from cfs_lightning.regularizers import EMA, L2ToInit, NLLReplay, Regularizer
+from cfs_lightning.data import ReplayConfig, ReplayDataModule
+from cfs_lightning.tasks import TaskSource
+from cfs_lightning.training import CausalLMFineTuner, NonFiniteLossError
+from cfs_lightning.training.regularizers import EMA, L2ToInit, NLLReplay, Regularizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,11 +136,11 @@ def _fit_config(tmp_path, model_dir, task_files, replay_dir) -> Path:
                     "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                    "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 2,
                                                  "save_top_k": -1, "filename": "{step}"}}]},
-        "model": {"class_path": "cfs_lightning.module.CausalLMFineTuner",
+        "model": {"class_path": "cfs_lightning.training.CausalLMFineTuner",
                   "init_args": {"pretrained": str(model_dir), "regularizers": [
-                      {"class_path": "cfs_lightning.regularizers.NLLReplay"},
-                      {"class_path": "cfs_lightning.regularizers.L2ToInit", "init_args": {"weight": 0.5}},
-                      {"class_path": "cfs_lightning.regularizers.EMA", "init_args": {"decay": 0.5}}],
+                      {"class_path": "cfs_lightning.training.regularizers.NLLReplay"},
+                      {"class_path": "cfs_lightning.training.regularizers.L2ToInit", "init_args": {"weight": 0.5}},
+                      {"class_path": "cfs_lightning.training.regularizers.EMA", "init_args": {"decay": 0.5}}],
                       "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}}}},
         "data": {"class_path": "cfs_lightning.data.ReplayDataModule", "init_args": {
             "task": {"path": "json", "data_files": task_files, "prompt": "Q: {question}\nA:",

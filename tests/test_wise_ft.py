@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cfs_lightning.callbacks import evaluate_lm, task_specs
+from cfs_lightning.evaluation import evaluate_lm, task_specs
 from cfs_lightning.cli import main
-from cfs_lightning.toy.init_model import init_model
-from cfs_lightning.wise_ft import interpolated_state
+from cfs_lightning.experiments.init_model import init_model
+from cfs_lightning.experiments.wise_ft import interpolated_state
 
 from .conftest import REPO, SHAKESPEARE, TINY_LLAMA
 

@@ -2,7 +2,6 @@
 
 from .export import HFExport
 from .online_replay import OnlineReplay
-from ..evaluation import evaluate_lm, load_task_yaml, task_specs
 from .retained_eval import RetainedEval
 
-__all__ = ["HFExport", "OnlineReplay", "RetainedEval", "evaluate_lm", "load_task_yaml", "task_specs"]
+__all__ = ["HFExport", "OnlineReplay", "RetainedEval"]

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
-from collections.abc import Iterator
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-from peft import PeftModel
 
-from ..data.collate import IGNORE_INDEX, Collator
-from ..generation.sampler import SamplingConfig, eval_mode, pad_token_id, sample_context_free
-from ..regularizers import KLFromCachedTopK
+from ..data import Collator
+from ..sampling import SamplingConfig, sample_context_free
+from ..tokens import IGNORE_INDEX, pad_token_id
+from ..training.regularizers import KLFromCachedTopK
 
 
 class OnlineReplay(L.Callback):
@@ -27,13 +24,15 @@ class OnlineReplay(L.Callback):
     the cache). Regularizers on `replay` (`NLLReplay`, `KLToReference`) then see them;
     `KLFromCachedTopK` needs cached top-k, which online rows lack, and is refused.
 
-    The sampler is the frozen reference when the module has one (`copy`, or with LoRA the model
-    with its adapters disabled); otherwise the callback keeps a frozen copy of the initial weights
-    of its own (one more model in memory). Round r (steps r*k .. r*k + k - 1) on rank q of W is
+    The sampler is the module's frozen reference (`copy`, or with LoRA the model with its adapters
+    disabled): the callback declares `needs_reference`, so the module builds one at fit start
+    when no regularizer asked for it. Round r (steps r*k .. r*k + k - 1) on rank q of W is
     seeded by (sampling.seed, r * W + q): a resumed fit draws the same sequences again.
     Sharded strategies (FSDP, FSDP2) are refused: generation from a sharded model needs every rank
     in every step and is not supported here; use cached replay (`cfs generate`) there.
     """
+
+    needs_reference = True
 
     def __init__(self, every_n_steps: int, num_sequences: int, batch_size: int,
                  sampling: SamplingConfig = SamplingConfig(max_new_tokens=128, batch_size=32)) -> None:
@@ -53,7 +52,6 @@ class OnlineReplay(L.Callback):
         self.rounds = 0
         self._pool: list[dict] = []
         self._round: int | None = None
-        self._own_copy: torch.nn.Module | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -66,28 +64,11 @@ class OnlineReplay(L.Callback):
         if any(isinstance(r, KLFromCachedTopK) for r in pl_module.regularizers):
             raise ValueError("OnlineReplay rows carry no cached top-k, which KLFromCachedTopK needs; "
                              "use NLLReplay or KLToReference with online replay")
-        if pl_module.reference is None and not isinstance(pl_module.model, PeftModel):
-            # Before any checkpoint is restored over the model: these are the initial weights.
-            self._own_copy = copy.deepcopy(pl_module.hf_model).eval().requires_grad_(False)
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._own_copy is not None:
-            self._own_copy.to(pl_module.device)
-
-    @contextlib.contextmanager
-    def _sampler(self, pl_module: L.LightningModule) -> Iterator[torch.nn.Module]:
-        if self._own_copy is not None:
-            yield self._own_copy
-        elif pl_module.reference is not None and pl_module.reference.mode == "copy":
-            yield pl_module.reference.model
-        else:  # LoRA: the same weights with the adapters switched off
-            with eval_mode(pl_module.model) as model, model.disable_adapter():
-                yield model
 
     def _refill(self, trainer: L.Trainer, pl_module: L.LightningModule, round_index: int) -> None:
         seed = self.sampling.seed * 1_000_003 + round_index * trainer.world_size + trainer.global_rank
         cfg = dataclasses.replace(self.sampling, seed=seed)
-        with self._sampler(pl_module) as model:
+        with pl_module.reference.as_causal_lm() as model:
             self._pool = [r for batch in sample_context_free(model, pl_module.tokenizer, cfg, self.num_sequences, None)
                           for r in batch]
         self._round = round_index

@@ -11,7 +11,8 @@ import torch
 from lm_eval.tasks import TaskManager
 
 from ..evaluation import evaluate_lm, task_manager_for, task_specs
-from ..sharding import full_params_for_eval, is_sharded
+from ..io import write_text
+from ..training.sharding import full_params_for_eval, is_sharded
 
 
 class RetainedEval(L.Callback):
@@ -97,8 +98,7 @@ class RetainedEval(L.Callback):
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         log_dir = trainer.log_dir  # a collective call under some strategies: every rank asks
         if trainer.is_global_zero and log_dir:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            (Path(log_dir) / "retained_eval.json").write_text(json.dumps(self.history, indent=2))
+            write_text(Path(log_dir) / "retained_eval.json", json.dumps(self.history, indent=2))
         return metrics
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

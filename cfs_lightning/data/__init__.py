@@ -1,21 +1,9 @@
-"""Task data, replay shards, and the DataModule that interleaves them."""
+"""The DataModule: task batches interleaved with replay read from shards, at a fixed ratio."""
 
-from .collate import IGNORE_INDEX, Collator, pad_batch
+from .collate import Collator, pad_batch
 from .datamodule import ReplayDataModule, replay_batch_size
-from .replay import ReplayConfig, ReplayGeneration
+from .replay import ReplayConfig
 from .samplers import CyclingSampler, TaskSampler
-from .task import TaskDataError, TaskSource
 
-__all__ = [
-    "IGNORE_INDEX",
-    "Collator",
-    "CyclingSampler",
-    "ReplayConfig",
-    "ReplayDataModule",
-    "ReplayGeneration",
-    "TaskSampler",
-    "TaskDataError",
-    "TaskSource",
-    "pad_batch",
-    "replay_batch_size",
-]
+__all__ = ["Collator", "CyclingSampler", "ReplayConfig", "ReplayDataModule", "TaskSampler", "pad_batch",
+           "replay_batch_size"]

@@ -7,9 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
-"""Label of positions that carry no loss (prompt and padding); torch's cross_entropy default."""
-
+from ..tokens import IGNORE_INDEX
 
 def pad_batch(
     input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int

@@ -7,19 +7,25 @@ import math
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from ..generation import check_manifest, generate_replay, load_shards, read_manifest
-from ..generation.sampler import pad_token_id
-from ..generation.shards import MANIFEST, TASK_SOURCES, check_rows
+from ..shards import (
+    MANIFEST,
+    REPLAY_WAIVER,
+    check_manifest,
+    check_rows,
+    load_shards,
+    read_manifest,
+    require_kind,
+)
+from ..tasks import TaskSource
+from ..tokens import pad_token_id
 from .collate import Collator
 from .replay import ReplayConfig
 from .samplers import CyclingSampler, TaskSampler
-from .task import TaskSource
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +86,10 @@ class ReplayDataModule(L.LightningDataModule):
         self.replay_batch_size = replay_batch_size(replay_ratio, batch_size)
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.datasets: dict[str, object] = {}
+        self.shard_manifests: dict[str, tuple[dict, str | None]] = {}
+        """What `setup` read that must come from the model being fine-tuned: where -> (manifest,
+        how to waive the check, or None). The LightningModule, which owns the model, checks
+        them against its weights before fitting (`check_manifest`)."""
         self._resume: dict[str, int] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -91,34 +101,11 @@ class ReplayDataModule(L.LightningDataModule):
             self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
         return self.tokenizer
 
-    def _base_model(self):
-        """The model being fine-tuned, at its initial weights, when a trainer is attached."""
-        if self.trainer is None or self.trainer.lightning_module is None:
-            return None
-        return self.trainer.lightning_module.hf_model
-
     def prepare_data(self) -> None:
-        """Generate the replay shards if they are missing and a generation block is given."""
-        if self.replay is None or (Path(self.replay.dir) / MANIFEST).is_file():
-            return
-        if self.replay.generate is None:
-            raise FileNotFoundError(
-                f"replay directory {self.replay.dir} has no {MANIFEST}: write it with "
-                "`cfs generate --config ...`, or give data.replay.generate to have fit do it"
-            )
-        model = self._base_model()
-        if model is None:
-            raise RuntimeError("replay.generate needs the model: run it through a Trainer")
-        gen = self.replay.generate
-        task_size = len(self.task.load(self.task.split)) if gen.budget.fraction else None
-        # Sample on this process's accelerator; the trainer places the model itself afterwards.
-        home = next(model.parameters()).device
-        try:
-            generate_replay(model.to(self.trainer.strategy.root_device), self._load_tokenizer(),
-                            self.replay.dir, gen.sampling, gen.budget, task_size=task_size,
-                            shard_size=gen.shard_size, store_topk=gen.store_topk)
-        finally:
-            model.to(home)
+        """Refuse a replay directory that is not there yet (the DataModule reads shards; `cfs
+        generate`, or a data step of `cfs study`, writes them)."""
+        if self.replay is not None and not (Path(self.replay.dir) / MANIFEST).is_file():
+            read_manifest(self.replay.dir)  # raises, naming the command that writes it
 
     def setup(self, stage: str | None = None) -> None:
         tok = self._load_tokenizer()
@@ -130,28 +117,25 @@ class ReplayDataModule(L.LightningDataModule):
         if self.task.test_split is not None and stage in (None, "test"):
             self.datasets["task_test"] = self.task.tokenize(self.task.load(self.task.test_split), tok)
         if self.replay is not None:
+            # The model is compared only before fitting, when it still holds the base weights;
+            # validate/test evaluate fine-tuned models on purpose.
             self._setup_replay(tok, check_model=stage in (None, "fit") and self.replay.strict)
 
     def _task_shards(self, tok: PreTrainedTokenizerBase):
-        """The training split as written by a task-side generator (self-output, token masking)."""
+        """The training split as written by a task rewriter (self-output, rephrase, token-mask)."""
+        where = f"task shards in {self.task.shards}"
         manifest = read_manifest(self.task.shards)
-        if manifest.get("source") not in TASK_SOURCES:
-            raise ValueError(
-                f"data.task.shards={self.task.shards} holds {manifest.get('source')!r} replay, not "
-                f"task data (one of {TASK_SOURCES}); give it as data.replay.dir instead"
-            )
-        check_manifest(manifest, tok, self._base_model(), where=f"task shards in {self.task.shards}",
-                       waiver=None)
+        require_kind(manifest, "task", f"data.task.shards={self.task.shards}", "give it as data.replay.dir instead")
+        check_manifest(manifest, tok, where=where)
+        self.shard_manifests[where] = (manifest, None)
         if manifest["source"] == "token_mask":
             log.info("task shards %s: %.1f%% of response tokens masked (tau=%s, mode=%s)", self.task.shards,
                      100 * manifest["stats"]["masked_fraction"], manifest["tau"], manifest["mode"])
         rows = load_shards(self.task.shards)
-        check_rows(rows, len(tok), f"task shards in {self.task.shards}")
+        check_rows(rows, len(tok), where)
         return rows
 
     def _setup_replay(self, tok: PreTrainedTokenizerBase, check_model: bool) -> None:
-        # The model is compared only before fitting, when it still holds the base weights;
-        # validate/test evaluate fine-tuned models on purpose.
         replay = self._read_replay("dir", self.replay.dir, tok, check_model)
         if self.replay.val_dir is not None:
             held_out = self._read_replay("val_dir", self.replay.val_dir, tok, check_model)
@@ -169,16 +153,15 @@ class ReplayDataModule(L.LightningDataModule):
             self.datasets["replay_val"] = held_out.select(range(len(held_out) - n_val, len(held_out)))
 
     def _read_replay(self, field: str, path: str, tok: PreTrainedTokenizerBase, check_model: bool):
+        where = f"replay shards in {path}"
         manifest = read_manifest(path)
-        if manifest.get("source") in TASK_SOURCES:
-            raise ValueError(
-                f"data.replay.{field}={path} holds {manifest['source']!r} task data, which "
-                "replaces the task's targets: give it as data.task.shards instead"
-            )
-        check_manifest(manifest, tok, self._base_model() if check_model else None,
-                       where=f"replay shards in {path}")
+        require_kind(manifest, "replay", f"data.replay.{field}={path}",
+                     "it replaces the task's targets: give it as data.task.shards instead")
+        check_manifest(manifest, tok, where=where)
+        if check_model:
+            self.shard_manifests[where] = (manifest, REPLAY_WAIVER)
         rows = load_shards(path)
-        check_rows(rows, len(tok), f"replay shards in {path}")
+        check_rows(rows, len(tok), where)
         return rows
 
     # -- loaders ---------------------------------------------------------------------------------

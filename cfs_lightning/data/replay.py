@@ -1,24 +1,8 @@
-"""Replay settings for training: the replay directory, its held-out slice, and how to generate it."""
+"""Replay settings for training: the replay directory and its held-out slice."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from ..generation.sampler import Budget, SamplingConfig
-
-
-@dataclass
-class ReplayGeneration:
-    """How `prepare_data` writes the replay directory when it is missing (as `cfs generate`)."""
-
-    sampling: SamplingConfig
-    """Sampling settings; see `cfs generate --help`."""
-    budget: Budget
-    """How much to generate; `fraction` counts task training examples."""
-    shard_size: int = 10_000
-    """Sequences per Arrow shard."""
-    store_topk: int = 0
-    """Also cache the base model's top-k next-token log-probabilities (for KLFromCachedTopK)."""
 
 
 @dataclass
@@ -36,8 +20,6 @@ class ReplayConfig:
     strict: bool = True
     """Refuse shards whose manifest names another base model than the one being fine-tuned
     (a different tokenizer is always refused)."""
-    generate: ReplayGeneration | None = None
-    """Generate the shards in `prepare_data` when `dir` has no manifest; None: refuse instead."""
 
     def __post_init__(self) -> None:
         if self.val_size < 0:

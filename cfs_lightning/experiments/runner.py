@@ -1,0 +1,117 @@
+"""Running `cfs fit|validate|test` (LightningCLI) and the other commands inside this process.
+
+`CFSCLI` links the model's tokenizer to the data and adds the Hugging Face export; `run_fit` and
+`run_command` are how the experiments (study, continual, the toy base) run their steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from ..callbacks import HFExport, RetainedEval
+from ..commands import call, parser_settings
+from ..data import ReplayDataModule
+from ..training import CausalLMFineTuner
+
+parser_settings()
+
+
+class CFSCLI(LightningCLI):
+    """LightningCLI with the model's tokenizer linked to the data and an HF export at fit end.
+
+    With `--ckpt_path`, the run is configured by the command line alone, as given: LightningCLI
+    would otherwise overlay the checkpoint's saved hyperparameters on the model's config, which
+    drops the regularizers and the optimizer (they are not hyperparameters). The checkpoint's
+    hyperparameters are instead checked against the config, and a difference is an error.
+    """
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+            return
+        path = Path(ckpt_path)
+        meta = path / "meta.pt" if path.is_dir() else path  # a distributed checkpoint is a folder
+        if not meta.is_file():
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file or folder")
+        # Tensors and plain data only (and the LoRA settings, registered as safe): a checkpoint
+        # cannot run code when it is read.
+        saved = torch.load(meta, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        given = self.config[subcommand].model.init_args
+        for key, value in saved.items():
+            if key in given and _plain(given[key]) != _plain(value):
+                raise ValueError(
+                    f"--ckpt_path {ckpt_path} was saved with model.{key}={value!r}, but the config "
+                    f"gives {_plain(given[key])!r}; resume with the config the checkpoint was trained with"
+                )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(HFExport, "export")
+        parser.link_arguments(
+            ("model.init_args.pretrained", "model.init_args.tokenizer"),
+            "data.init_args.tokenizer",
+            compute_fn=lambda pretrained, tokenizer: tokenizer or pretrained,
+        )
+
+
+def _plain(value):
+    """A config value as plain Python (jsonargparse Namespaces and dataclasses become dicts)."""
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    return value.as_dict() if hasattr(value, "as_dict") else value
+
+
+def run_cli(args: list[str] | None = None, run: bool = True) -> CFSCLI:
+    """Run `cfs fit|validate|test ...` in this process and return the CLI (trainer, model, data).
+
+    `args` None reads the command line.
+    """
+    return CFSCLI(
+        CausalLMFineTuner,
+        ReplayDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+def run_command(fn, config: str, overrides: dict) -> object:
+    """Run a command function (`cfs generate`, `cfs init`, ...) with its YAML config and some
+    fields replaced (`{"output.dir": ...}`; dotted keys reach nested fields)."""
+    return call(fn, ["--config", config] + [f"--{k}={v}" for k, v in overrides.items()])
+
+
+def run_fit(configs: list[str], overrides: list[str], evaluation: RetainedEval | None = None) -> CFSCLI:
+    """`cfs fit --config C1 --config C2 ... overrides` in this process; returns the CLI (its
+    trainer, model and data).
+
+    The fit must measure retained and downstream scores with a `RetainedEval` callback (see
+    `retained_eval`): the configs' own, or `evaluation` in its place (`cfs continual` scores every
+    stage on every stage's task).
+    """
+    args = ["fit"]
+    for c in configs:
+        args += ["--config", c]
+    cli = run_cli(args + overrides, run=False)
+    callbacks = cli.trainer.callbacks
+    if evaluation is not None:
+        callbacks[:] = [cb for cb in callbacks if not isinstance(cb, RetainedEval)] + [evaluation]
+    retained_eval(cli, configs)  # refuse before fitting
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli
+
+
+def retained_eval(cli: CFSCLI, configs: list[str] | None = None) -> RetainedEval:
+    """The fit's `RetainedEval` callback, where its retained and downstream scores are."""
+    evals = [cb for cb in cli.trainer.callbacks if isinstance(cb, RetainedEval)]
+    if not evals:
+        raise ValueError(f"{configs or 'the fit'} configure no RetainedEval callback; retained and downstream "
+                         "scores come from it (add it to trainer.callbacks)")
+    return evals[0]

@@ -1,0 +1,251 @@
+"""`cfs study`: every method of a list, for every seed, against one base model and task; then
+`cfs report` on the runs.
+
+Layout under `output_dir`: `data/<name>/` (each data step's shards), `methods/<method>/seed<k>/`
+(each fit's logs, `retained_eval.json` and export; `methods/<wise_ft.name>/seed<k>/wise_ft.json`
+for WiSE-FT) and `report/` (the table and plots). The study is resumable: a fit that finished
+(`study.json` written beside its logs) is skipped on a rerun, a fit that did not finish is run again
+from the start, and the data steps are the resumable `cfs` data commands, which finish what is
+missing and otherwise do nothing.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..commands import COMMANDS, function
+from ..io import atomic_file
+from .init_model import init_model
+from .report import report
+from .runner import run_cli, run_command, run_fit
+from .wise_ft import interpolate
+
+_PLACEHOLDER = re.compile(r"\{([\w.+-]+)\}")
+
+
+@dataclass
+class DataStep:
+    """A data-side `cfs` command run once for the whole study (replay or rewritten task data)."""
+
+    name: str
+    """Folder under `<output_dir>/data/`; methods refer to it as `{data.<name>}`."""
+    command: str
+    """`generate`, `contextual`, `corpus`, `dialogue`, `self-output`, `rephrase` or `token-mask`."""
+    config: str
+    """The command's YAML config; its model (or tokenizer) and output_dir are the study's."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Fields of the config to replace, dotted (`budget.sequences: 64`)."""
+
+
+@dataclass
+class Method:
+    """One method: `cfs fit --config <fit_config> --config <configs...> <args...>` per seed."""
+
+    name: str
+    """Folder under `<output_dir>/methods/` and the method's name in the report."""
+    configs: list[str] = field(default_factory=list)
+    """Overlays laid over the study's `fit_config`, in order."""
+    args: list[str] = field(default_factory=list)
+    """`cfs fit` overrides (`--data.init_args.replay.dir={data.cfs}`); `{data.<name>}`, `{base}`
+    and `{output_dir}` are replaced."""
+    seeds: list[int] | None = None
+    """Seeds of this method; default: the study's."""
+
+
+@dataclass
+class WiseFT:
+    """WiSE-FT (arXiv 2109.01903): interpolations between the base and another method's exports."""
+
+    tasks: list[str]
+    """lm-eval task names or YAML files, as in the fits' `RetainedEval`."""
+    finetuned: str = "ft"
+    """The method whose export (`seed<k>/hf_model`) is interpolated, seed by seed."""
+    name: str = "wise-ft"
+    """Its name in the report; the report keeps the alpha with the most forgetting recovered plus
+    gain kept, chosen on the evaluation itself (an oracle choice, in WiSE-FT's favour)."""
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """Interpolation weights of the fine-tuned model; 0 and 1 are needed."""
+    batch_size: int = 16
+    """lm-eval batch size."""
+    limit: int | float | None = None
+    """Documents per task, as in the fits' `RetainedEval`."""
+
+
+@dataclass
+class ToyBase:
+    """How to build the base model when `base` does not exist yet (the toy world)."""
+
+    init_config: str = "configs/toy/base/init.yaml"
+    pretrain_config: str = "configs/toy/base/pretrain.yaml"
+
+
+def build_base(base_dir: str | Path, init_config: str = "configs/toy/base/init.yaml",
+               pretrain_config: str = "configs/toy/base/pretrain.yaml", pretrain_args: list[str] = ()) -> Path:
+    """The toy base model: `cfs init` (tokenizer + random model) then `cfs fit` pretraining (with
+    `pretrain_args` overrides, e.g. `--trainer.max_steps=20` for a quick one), with the
+    intermediate folders (`init/`, `pretrain/`) beside `base_dir`."""
+    base_dir = Path(base_dir)
+    rank_zero_info(f"[toy] building the toy base model in {base_dir}")
+    init_dir = base_dir.parent / "init"
+    run_command(init_model, init_config, {"output_dir": str(init_dir), "overwrite": True})
+    run_cli(["fit", "--config", pretrain_config, f"--model.init_args.pretrained={init_dir}",
+             f"--trainer.logger.init_args.save_dir={base_dir.parent / 'pretrain'}",
+             f"--export.dirpath={base_dir}", *pretrain_args])
+    return base_dir
+
+
+def _resolve(text: str, values: dict[str, str], where: str) -> str:
+    def sub(m: re.Match) -> str:
+        if m.group(1) not in values:
+            raise KeyError(f"{where}: unknown placeholder {{{m.group(1)}}}; known: "
+                           + ", ".join(f"{{{k}}}" for k in values))
+        return values[m.group(1)]
+
+    return _PLACEHOLDER.sub(sub, text)
+
+
+def _run_data_step(step: DataStep, base: str, out: Path) -> None:
+    data_commands = [name for name, c in COMMANDS.items() if c.data]
+    if step.command not in data_commands:
+        raise ValueError(f"data step {step.name!r}: unknown command {step.command!r}; one of {sorted(data_commands)}")
+    fn = function(step.command)
+    model_arg = "base.model" if "base" in inspect.signature(fn).parameters else "tokenizer"
+    rank_zero_info(f"[study] data step {step.name}: cfs {step.command} -> {out}")
+    run_command(fn, step.config, {model_arg: base, **step.args, "output.dir": str(out)})
+
+
+def study(
+    base: str,
+    fit_config: str,
+    methods: list[Method],
+    retained: str,
+    downstream: str,
+    output_dir: str = "runs/study",
+    seeds: list[int] = [0],  # noqa: B006 (jsonargparse default)
+    fit_args: list[str] = [],  # noqa: B006
+    data: list[DataStep] = [],  # noqa: B006
+    wise_ft: WiseFT | None = None,
+    toy_base: ToyBase | None = None,
+    baseline: str | None = "ft",
+    report_dir: str | None = None,
+) -> dict:
+    """Fit every method for every seed against one base model and task, then `cfs report` them.
+
+    Seeds run in the outer loop, so a study stopped part-way has whole seeds of every method.
+
+    Args:
+        base: The base model (hub name or directory) every method starts from.
+        fit_config: The `cfs fit` config every method shares (task, optimizer, schedule, a logger
+            with a `save_dir`, and a `RetainedEval` callback measuring `retained` and `downstream`).
+        methods: The methods; see `Method`.
+        retained: `<task>/<metric>` of retained ability, as `RetainedEval` logs it.
+        downstream: `<task>/<metric>` of the downstream task.
+        output_dir: Where data, runs and the report go.
+        seeds: `seed_everything` and the data module's seed (task order, replay order) of each
+            fit; the data steps are run once, with their configs' seeds.
+        fit_args: `cfs fit` overrides for every method, before the method's own (placeholders as
+            in `Method.args`).
+        data: Data steps run before any fit; see `DataStep`.
+        wise_ft: WiSE-FT sweeps over another method's exports; None: none.
+        toy_base: Build the toy base model into `base` when it does not exist; None: `base` must exist.
+        baseline: The method the report measures forgetting recovered and gain kept against.
+        report_dir: Where `cfs report` writes; default `<output_dir>/report`.
+    """
+    out = Path(output_dir)
+    names = [m.name for m in methods] + ([wise_ft.name] if wise_ft else [])
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"study: method names must be unique and at least one; got {names}")
+    if wise_ft and wise_ft.finetuned not in names:
+        raise ValueError(f"study: wise_ft.finetuned={wise_ft.finetuned!r} is not one of the methods {names}")
+    if baseline is not None and baseline not in names:
+        raise ValueError(f"study: baseline={baseline!r} is not one of the methods {names}")
+    if toy_base is not None and not (Path(base) / "config.json").is_file():
+        build_base(base, toy_base.init_config, toy_base.pretrain_config)
+    values = {"base": base, "output_dir": str(out)}
+    values |= {f"data.{s.name}": str(out / "data" / s.name) for s in data}
+    # every placeholder is checked before anything runs
+    fit_args = [_resolve(a, values, "study fit_args") for a in fit_args]
+    method_args = {m.name: [_resolve(a, values, f"method {m.name}") for a in m.args] for m in methods}
+    for step in data:
+        _run_data_step(step, base, out / "data" / step.name)
+
+    start, timings = time.perf_counter(), {}
+    for seed in sorted({s for m in methods for s in (m.seeds or seeds)}):
+        for m in methods:
+            if seed in (m.seeds or seeds):
+                timings[f"{m.name}/seed{seed}"] = _fit_once(
+                    m, seed, base, fit_config, fit_args + method_args[m.name], out / "methods" / m.name)
+        if wise_ft is not None and seed in (_method(methods, wise_ft.finetuned).seeds or seeds):
+            timings[f"{wise_ft.name}/seed{seed}"] = _interpolate_once(
+                wise_ft, seed, base, retained, downstream, out / "methods")
+    total = (time.perf_counter() - start) / 60
+    rank_zero_info(f"[study] {len(timings)} runs, {sum(timings.values()):.1f} minutes of run time "
+                   f"(this call: {total:.1f} minutes)")
+    return report([str(out / "methods" / n) for n in names if (out / "methods" / n).is_dir()],
+                  retained, downstream, output_dir=report_dir or str(out / "report"), baseline=baseline)
+
+
+def _method(methods: list[Method], name: str) -> Method:
+    return next(m for m in methods if m.name == name)
+
+
+def _finished(run: Path, **record) -> float | None:
+    """Minutes a finished run took (from its `study.json`); None when it did not finish. A run
+    finished with other settings than `record` is refused, not mixed into the report."""
+    done = run / "study.json"
+    if not done.is_file():
+        return None
+    saved = json.loads(done.read_text())
+    changed = [k for k, v in record.items() if saved.get(k) != v]
+    if changed:
+        raise ValueError(f"study: {run} was finished with other settings ({', '.join(changed)}: "
+                         f"{saved.get(changed[0])!r}, now {record[changed[0]]!r}); delete that folder to "
+                         "redo it with the new settings, or give the study another output_dir")
+    return saved["minutes"]
+
+
+def _mark_done(run: Path, started: float, **record) -> float:
+    minutes = (time.perf_counter() - started) / 60
+    with atomic_file(run / "study.json") as tmp:
+        tmp.write_text(json.dumps({**record, "minutes": minutes}, indent=2) + "\n")
+    return minutes
+
+
+def _fit_once(method: Method, seed: int, base: str, fit_config: str, args: list[str], folder: Path) -> float:
+    run = folder / f"seed{seed}"
+    configs = [fit_config, *method.configs]
+    overrides = [f"--model.init_args.pretrained={base}", f"--seed_everything={seed}",
+                 f"--data.init_args.seed={seed}", *args,
+                 f"--trainer.logger.init_args.save_dir={run}", f"--export.dirpath={run / 'hf_model'}"]
+    if (minutes := _finished(run, configs=configs, args=overrides)) is not None:
+        rank_zero_info(f"[study] {method.name} seed {seed}: finished earlier, skipped")
+        return minutes
+    if run.exists():  # an interrupted fit: start it again from nothing
+        shutil.rmtree(run)
+    rank_zero_info(f"[study] {method.name} seed {seed}")
+    started = time.perf_counter()
+    run_fit(configs, overrides)
+    gc.collect()
+    return _mark_done(run, started, method=method.name, seed=seed, configs=configs, args=overrides)
+
+
+def _interpolate_once(w: WiseFT, seed: int, base: str, retained: str, downstream: str, methods: Path) -> float:
+    run = methods / w.name / f"seed{seed}"
+    finetuned = methods / w.finetuned / f"seed{seed}" / "hf_model"
+    if (minutes := _finished(run, finetuned=str(finetuned), alphas=w.alphas)) is not None:
+        return minutes
+    started = time.perf_counter()
+    rank_zero_info(f"[study] {w.name} seed {seed}: interpolating {base} and {finetuned}")
+    interpolate(base, str(finetuned), w.tasks, retained, downstream, alphas=w.alphas, output_dir=str(run),
+                batch_size=w.batch_size, limit=w.limit, device="auto")
+    return _mark_done(run, started, method=w.name, seed=seed, finetuned=str(finetuned), alphas=w.alphas)

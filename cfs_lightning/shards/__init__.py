@@ -1,0 +1,40 @@
+"""The shard format shared by replay sources and task rewriters: manifest, reader, writer."""
+
+from .manifest import (
+    KINDS,
+    Kind,
+    MANIFEST,
+    REPLAY_WAIVER,
+    ReplayIntegrityError,
+    ReplayMismatchError,
+    check_manifest,
+    check_model,
+    model_fingerprint,
+    provenance,
+    read_manifest,
+    require_kind,
+    tokenizer_fingerprint,
+)
+from .reader import check_rows, load_shards, verify_shards
+from .writer import ShardOutput, write_shards
+
+__all__ = [
+    "KINDS",
+    "MANIFEST",
+    "REPLAY_WAIVER",
+    "Kind",
+    "ReplayIntegrityError",
+    "ReplayMismatchError",
+    "ShardOutput",
+    "check_manifest",
+    "check_model",
+    "check_rows",
+    "load_shards",
+    "model_fingerprint",
+    "provenance",
+    "read_manifest",
+    "require_kind",
+    "tokenizer_fingerprint",
+    "verify_shards",
+    "write_shards",
+]
