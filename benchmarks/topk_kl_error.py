@@ -3,7 +3,7 @@
 On held-out replay sequences cached with `store_topk`, compare the exact per-token forward
 KL(p_base || p_ft) (full vocabulary, base logits recomputed) with the coarsened top-k KL of
 `KLFromCachedTopK` for several k, between the toy base and a fine-tuned toy model.
-    python benchmarks/topk_kl_error.py [--finetuned runs/toy/ft/hf_model] [--sequences 200]
+    python benchmarks/topk_kl_error.py [--finetuned runs/toy/demo/methods/ft/seed0/hf_model] [--sequences 200]
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from cfs_lightning.training.regularizers import token_divergence, topk_forward_k
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="runs/toy/base")
-    parser.add_argument("--finetuned", default="runs/toy/ft/hf_model")
-    parser.add_argument("--replay", default="runs/toy/cfs_replay")
+    parser.add_argument("--finetuned", default="runs/toy/demo/methods/ft/seed0/hf_model")
+    parser.add_argument("--replay", default="runs/toy/demo/data/cfs_replay")
     parser.add_argument("--sequences", type=int, default=200)
     parser.add_argument("--batch_size", type=int, default=25)
     args = parser.parse_args()

@@ -1,5 +1,6 @@
 """The special tokens every sampler and packer agrees on: where a sequence starts, where it stops,
-and what separates documents.
+and what separates documents; the label of positions without loss (`IGNORE_INDEX`), the padding
+id, and the eval mode models are sampled and scored in.
 
 Checkpoints disagree on these. Llama-3.x Instruct's tokenizer EOS is `<|eot_id|>` (the end of a
 chat turn) while documents end with `<|end_of_text|>`, and its generation config declares both

@@ -120,7 +120,7 @@ def tiny_task_shards(tmp_path_factory, tiny_model_dir, tiny_task_files) -> Path:
     return out
 
 
-CHAT_TEMPLATE = REPO / "configs" / "toy" / "chat_template.jinja"
+CHAT_TEMPLATE = REPO / "configs" / "toy" / "base" / "chat_template.jinja"
 
 
 @pytest.fixture(scope="session")

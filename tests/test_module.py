@@ -132,7 +132,7 @@ def test_readme_preset_subclass_runs_from_the_cli(tmp_path, monkeypatch, tiny_mo
 
     from .conftest import REPO
 
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs/methods.md").read_text()
     code = re.search(r"<!-- preset-example -->\n```python\n(.*?)```", readme, re.S).group(1)
     (tmp_path / "my_presets.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -96,10 +96,8 @@ def run_fit(configs: list[str], overrides: list[str], evaluation: RetainedEval |
     `retained_eval`): the configs' own, or `evaluation` in its place (`cfs continual` scores every
     stage on every stage's task).
     """
-    args = ["fit"]
-    for c in configs:
-        args += ["--config", c]
-    cli = run_cli(args + overrides, run=False)
+    args = [a for c in configs for a in ("--config", c)]
+    cli = run_cli(args + overrides, run=False)  # built without running: no subcommand
     callbacks = cli.trainer.callbacks
     if evaluation is not None:
         callbacks[:] = [cb for cb in callbacks if not isinstance(cb, RetainedEval)] + [evaluation]

@@ -40,9 +40,9 @@ class DataStep:
     name: str
     """Folder under `<output_dir>/data/`; methods refer to it as `{data.<name>}`."""
     command: str
-    """`generate`, `contextual`, `corpus`, `dialogue`, `self-output`, `rephrase` or `token-mask`."""
+    """A data command of `cfs --help`, one that writes shards (`commands.COMMANDS`, `data=True`)."""
     config: str
-    """The command's YAML config; its model (or tokenizer) and output_dir are the study's."""
+    """The command's YAML config; its `base.model` (or `tokenizer`) and `output.dir` are the study's."""
     args: dict[str, Any] = field(default_factory=dict)
     """Fields of the config to replace, dotted (`budget.sequences: 64`)."""
 

@@ -1,0 +1,39 @@
+"""Files and folders appear whole, and with the mode a plain open / mkdir would give them."""
+
+import os
+import stat
+
+import pytest
+
+from cfs_lightning.io import atomic_dir, atomic_file, write_text
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield 0o027
+    os.umask(old)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_folders_and_files_get_the_umasks_mode(tmp_path, umask_027):
+    with atomic_dir(tmp_path / "hf_model") as tmp:
+        (tmp / "config.json").write_text("{}")
+    write_text(tmp_path / "results.md", "| a |\n")
+    assert _mode(tmp_path / "hf_model") == 0o750  # tempfile alone would leave 0700
+    assert _mode(tmp_path / "results.md") == 0o640  # and 0600
+    assert (tmp_path / "hf_model" / "config.json").read_text() == "{}"
+
+
+def test_a_failed_write_leaves_the_old_one(tmp_path):
+    write_text(tmp_path / "a.json", "old")
+    with pytest.raises(RuntimeError), atomic_file(tmp_path / "a.json") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "d") as tmp:
+        raise RuntimeError
+    assert (tmp_path / "a.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]  # no temporary left behind
