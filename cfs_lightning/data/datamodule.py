@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..shards import (
+    Kind,
     MANIFEST,
     REPLAY_WAIVER,
     check_manifest,
@@ -123,16 +124,11 @@ class ReplayDataModule(L.LightningDataModule):
 
     def _task_shards(self, tok: PreTrainedTokenizerBase):
         """The training split as written by a task rewriter (self-output, rephrase, token-mask)."""
-        where = f"task shards in {self.task.shards}"
-        manifest = read_manifest(self.task.shards)
-        require_kind(manifest, "task", f"data.task.shards={self.task.shards}", "give it as data.replay.dir instead")
-        check_manifest(manifest, tok, where=where)
-        self.shard_manifests[where] = (manifest, None)
+        manifest, rows = self._read_shards("task.shards", self.task.shards, "task", tok,
+                                           "give it as data.replay.dir instead", waiver=None)
         if manifest["source"] == "token_mask":
             log.info("task shards %s: %.1f%% of response tokens masked (tau=%s, mode=%s)", self.task.shards,
                      100 * manifest["stats"]["masked_fraction"], manifest["tau"], manifest["mode"])
-        rows = load_shards(self.task.shards)
-        check_rows(rows, len(tok), where)
         return rows
 
     def _setup_replay(self, tok: PreTrainedTokenizerBase, check_model: bool) -> None:
@@ -153,16 +149,23 @@ class ReplayDataModule(L.LightningDataModule):
             self.datasets["replay_val"] = held_out.select(range(len(held_out) - n_val, len(held_out)))
 
     def _read_replay(self, field: str, path: str, tok: PreTrainedTokenizerBase, check_model: bool):
-        where = f"replay shards in {path}"
+        return self._read_shards(f"replay.{field}", path, "replay", tok,
+                                 "it replaces the task's targets: give it as data.task.shards instead",
+                                 waiver=REPLAY_WAIVER, check_model=check_model)[1]
+
+    def _read_shards(self, field: str, path: str, kind: Kind, tok: PreTrainedTokenizerBase, fix: str,
+                     waiver: str | None, check_model: bool = True):
+        """A shard directory's manifest and rows, refused if of the other kind, of another tokenizer
+        or with rows no batch can be made of; listed in `shard_manifests` for the model's check."""
+        where = f"{kind} shards in {path}"
         manifest = read_manifest(path)
-        require_kind(manifest, "replay", f"data.replay.{field}={path}",
-                     "it replaces the task's targets: give it as data.task.shards instead")
+        require_kind(manifest, kind, f"data.{field}={path}", fix)
         check_manifest(manifest, tok, where=where)
         if check_model:
-            self.shard_manifests[where] = (manifest, REPLAY_WAIVER)
+            self.shard_manifests[where] = (manifest, waiver)
         rows = load_shards(path)
         check_rows(rows, len(tok), where)
-        return rows
+        return manifest, rows
 
     # -- loaders ---------------------------------------------------------------------------------
 
