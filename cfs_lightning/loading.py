@@ -40,7 +40,8 @@ class BaseModelArgs:
     dtype: str | None = None
     """Weight dtype (`float32`, `bfloat16`, ...); default float32."""
     device: str = "auto"
-    """`auto` (CUDA when available; under torchrun the process's own GPU), `cpu`, `cuda`, `cuda:1`, ..."""
+    """`auto` (CUDA when available; `cfs generate` under torchrun: the process's own GPU), `cpu`,
+    `cuda`, `cuda:1`, ..."""
     trust_remote_code: bool = False
     """Allow model code shipped with the checkpoint to run."""
 
