@@ -33,6 +33,19 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _readable(folder: Path) -> None:
+    """Give what was written into `folder` a plain open's / mkdir's mode where a writer made it
+    private (safetensors writes its files 0600, whatever the umask)."""
+    mask = _umask()
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        mode = os.stat(path).st_mode
+        wanted = (0o777 if path.is_dir() or mode & 0o100 else 0o666) & ~mask
+        if mode & wanted != wanted:
+            os.chmod(path, (mode | wanted) & 0o7777)
+
+
 @contextmanager
 def atomic_dir(out: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `out` to write into; on success it replaces `out`.
@@ -45,6 +58,7 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        _readable(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

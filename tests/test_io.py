@@ -4,6 +4,8 @@ import os
 import stat
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from cfs_lightning.io import atomic_dir, atomic_file, write_text
 
@@ -22,10 +24,14 @@ def _mode(path) -> int:
 def test_folders_and_files_get_the_umasks_mode(tmp_path, umask_027):
     with atomic_dir(tmp_path / "hf_model") as tmp:
         (tmp / "config.json").write_text("{}")
+        save_file({"w": torch.zeros(2)}, tmp / "model.safetensors")  # safetensors writes 0600
+        (tmp / "sub").mkdir(mode=0o700)
     write_text(tmp_path / "results.md", "| a |\n")
     assert _mode(tmp_path / "hf_model") == 0o750  # tempfile alone would leave 0700
     assert _mode(tmp_path / "results.md") == 0o640  # and 0600
     assert (tmp_path / "hf_model" / "config.json").read_text() == "{}"
+    assert _mode(tmp_path / "hf_model" / "model.safetensors") == 0o640
+    assert _mode(tmp_path / "hf_model" / "sub") == 0o750
 
 
 def test_a_failed_write_leaves_the_old_one(tmp_path):

@@ -83,3 +83,16 @@ def test_shipped_study_covers_every_method_of_the_comparison():
     assert three == ["ft", "cfs-nll-10", "cfs-nll-100"]
     budgets = {d["name"]: d["args"].get("budget.sequences") for d in config["data"]}
     assert budgets["cfs_10"] * 10 == budgets["cfs_100"] == 640  # 10% and 100% of train[:640]
+
+
+def test_the_progress_line_scales_the_estimates_by_the_pace_seen():
+    from cfs_lightning.experiments.study import Progress
+
+    progress = Progress([1.0, 2.0, None])
+    assert progress.rest(0) == pytest.approx(1 + 2 + 1.5)  # no estimate: the mean of the others
+    progress.done(0, 2.0)  # this machine runs at half the expected speed
+    assert progress.rest(1) == pytest.approx(2 * 2 + 2.0)
+    assert progress.line(1, "cfs seed 0") == "[study] step 2/3: cfs seed 0; about 6 min to go"
+    progress.done(1, 0.01)  # skipped as finished earlier: says nothing of the pace
+    assert progress.rest(2) == pytest.approx(2.0)
+    assert Progress([None]).line(0, "ft seed 0") == "[study] step 1/1: ft seed 0"

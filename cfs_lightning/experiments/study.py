@@ -25,9 +25,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..commands import COMMANDS, function
 from ..io import atomic_file
-from .init_model import init_model
 from .report import report
-from .runner import run_cli, run_command, run_fit
+from .runner import run_command, run_fit
+from .toy_base import ToyBase, build_base
 from .wise_ft import interpolate
 
 _PLACEHOLDER = re.compile(r"\{([\w.+-]+)\}")
@@ -45,6 +45,8 @@ class DataStep:
     """The command's YAML config; its `base.model` (or `tokenizer`) and `output.dir` are the study's."""
     args: dict[str, Any] = field(default_factory=dict)
     """Fields of the config to replace, dotted (`budget.sequences: 64`)."""
+    minutes: float | None = None
+    """How long the step is expected to take, for the progress line's estimate of the rest."""
 
 
 @dataclass
@@ -60,6 +62,8 @@ class Method:
     and `{output_dir}` are replaced."""
     seeds: list[int] | None = None
     """Seeds of this method; default: the study's."""
+    minutes: float | None = None
+    """How long one fit is expected to take, for the progress line's estimate of the rest."""
 
 
 @dataclass
@@ -81,29 +85,6 @@ class WiseFT:
     """Documents per task, as in the fits' `RetainedEval`."""
 
 
-@dataclass
-class ToyBase:
-    """How to build the base model when `base` does not exist yet (the toy world)."""
-
-    init_config: str = "configs/toy/base/init.yaml"
-    pretrain_config: str = "configs/toy/base/pretrain.yaml"
-
-
-def build_base(base_dir: str | Path, init_config: str = "configs/toy/base/init.yaml",
-               pretrain_config: str = "configs/toy/base/pretrain.yaml", pretrain_args: list[str] = ()) -> Path:
-    """The toy base model: `cfs init` (tokenizer + random model) then `cfs fit` pretraining (with
-    `pretrain_args` overrides, e.g. `--trainer.max_steps=20` for a quick one), with the
-    intermediate folders (`init/`, `pretrain/`) beside `base_dir`."""
-    base_dir = Path(base_dir)
-    rank_zero_info(f"[toy] building the toy base model in {base_dir}")
-    init_dir = base_dir.parent / "init"
-    run_command(init_model, init_config, {"output_dir": str(init_dir), "overwrite": True})
-    run_cli(["fit", "--config", pretrain_config, f"--model.init_args.pretrained={init_dir}",
-             f"--trainer.logger.init_args.save_dir={base_dir.parent / 'pretrain'}",
-             f"--export.dirpath={base_dir}", *pretrain_args])
-    return base_dir
-
-
 def _resolve(text: str, values: dict[str, str], where: str) -> str:
     def sub(m: re.Match) -> str:
         if m.group(1) not in values:
@@ -112,6 +93,10 @@ def _resolve(text: str, values: dict[str, str], where: str) -> str:
         return values[m.group(1)]
 
     return _PLACEHOLDER.sub(sub, text)
+
+
+def _build_base(base: str, toy_base: ToyBase) -> None:
+    build_base(base, toy_base.init_config, toy_base.pretrain_config)
 
 
 def _run_data_step(step: DataStep, base: str, out: Path) -> None:
@@ -169,30 +154,74 @@ def study(
         raise ValueError(f"study: wise_ft.finetuned={wise_ft.finetuned!r} is not one of the methods {names}")
     if baseline is not None and baseline not in names:
         raise ValueError(f"study: baseline={baseline!r} is not one of the methods {names}")
-    if toy_base is not None and not (Path(base) / "config.json").is_file():
-        build_base(base, toy_base.init_config, toy_base.pretrain_config)
     values = {"base": base, "output_dir": str(out)}
     values |= {f"data.{s.name}": str(out / "data" / s.name) for s in data}
     # every placeholder is checked before anything runs
     fit_args = [_resolve(a, values, "study fit_args") for a in fit_args]
     method_args = {m.name: [_resolve(a, values, f"method {m.name}") for a in m.args] for m in methods}
-    for step in data:
-        _run_data_step(step, base, out / "data" / step.name)
-
-    start, timings = time.perf_counter(), {}
+    # The steps in the order they run (seeds in the outer loop), each a (label, expected minutes, run).
+    steps = []
+    if toy_base is not None and not (Path(base) / "config.json").is_file():
+        steps.append((f"build the toy base model into {base}", toy_base.minutes,
+                      lambda: _build_base(base, toy_base)))
+    steps += [(f"data {s.name}", s.minutes, lambda s=s: _run_data_step(s, base, out / "data" / s.name))
+             for s in data]
     for seed in sorted({s for m in methods for s in (m.seeds or seeds)}):
         for m in methods:
             if seed in (m.seeds or seeds):
-                timings[f"{m.name}/seed{seed}"] = _fit_once(
-                    m, seed, base, fit_config, fit_args + method_args[m.name], out / "methods" / m.name)
+                steps.append((f"{m.name} seed {seed}", m.minutes, lambda m=m, seed=seed: _fit_once(
+                    m, seed, base, fit_config, fit_args + method_args[m.name], out / "methods" / m.name)))
         if wise_ft is not None and seed in (_method(methods, wise_ft.finetuned).seeds or seeds):
-            timings[f"{wise_ft.name}/seed{seed}"] = _interpolate_once(
-                wise_ft, seed, base, retained, downstream, out / "methods")
+            steps.append((f"{wise_ft.name} seed {seed}", None, lambda seed=seed: _interpolate_once(
+                wise_ft, seed, base, retained, downstream, out / "methods")))
+    start, timings = time.perf_counter(), {}
+    progress = Progress([minutes for _, minutes, _ in steps])
+    for i, (label, _, run) in enumerate(steps):
+        rank_zero_info(progress.line(i, label))
+        began = time.perf_counter()
+        minutes = run()
+        progress.done(i, (time.perf_counter() - began) / 60)
+        if minutes is not None:
+            timings[label] = minutes
     total = (time.perf_counter() - start) / 60
     rank_zero_info(f"[study] {len(timings)} runs, {sum(timings.values()):.1f} minutes of run time "
                    f"(this call: {total:.1f} minutes)")
     return report([str(out / "methods" / n) for n in names if (out / "methods" / n).is_dir()],
                   retained, downstream, output_dir=report_dir or str(out / "report"), baseline=baseline)
+
+
+class Progress:
+    """The study's progress line: which step runs and how long the rest should take.
+
+    The rest is estimated from the steps' expected minutes (`DataStep.minutes`, `Method.minutes`),
+    scaled by how long the steps done in this call took against their estimates, so a slower
+    machine sees its own pace; steps without an estimate count as the mean of those done. A step
+    skipped as finished earlier takes seconds and does not count.
+    """
+
+    def __init__(self, expected: list[float | None]) -> None:
+        self.expected, self.took = expected, [None] * len(expected)
+
+    def done(self, i: int, minutes: float) -> None:
+        if minutes > 0.05:  # a skipped step says nothing of the pace
+            self.took[i] = minutes
+
+    def rest(self, i: int) -> float | None:
+        """Minutes expected for steps i.. (None before there is anything to go by)."""
+        done = [(t, e) for t, e in zip(self.took, self.expected) if t is not None]
+        known = [e for e in self.expected if e is not None]
+        pace = (sum(t for t, e in done if e is not None) / sum(e for t, e in done if e is not None)
+                if any(e is not None for _, e in done) else 1.0)
+        typical = (sum(t for t, _ in done) / len(done) if done
+                   else (pace * sum(known) / len(known) if known else None))
+        if typical is None:
+            return None
+        return sum(pace * e if e is not None else typical for e in self.expected[i:])
+
+    def line(self, i: int, label: str) -> str:
+        rest = self.rest(i)
+        eta = f"; about {rest:.0f} min to go" if rest is not None else ""
+        return f"[study] step {i + 1}/{len(self.expected)}: {label}{eta}"
 
 
 def _method(methods: list[Method], name: str) -> Method:
