@@ -132,3 +132,14 @@ def test_report_files_get_the_umask_mode_not_mkstemps_0600(runs, tmp_path):
         os.umask(umask)
     for name in ("results.md", "results.json", "tradeoff.png"):
         assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644
+
+
+def test_an_ablation_named_series_at_value_gets_its_sweep_plot(runs, tmp_path):
+    for name, ret in (("nll@10", 2.9), ("nll@100", 2.3), ("kl@10", 2.6)):
+        _fit_run(runs / name / "seed0", [(2.5, 0.5), (ret, 0.6)], [2.2, 2.3])
+    s = report(str(runs), RET, DOWN, output_dir=str(tmp_path / "r"), sweep_label="replay budget (%)")
+    assert "sweep.png" in s["plots"] and (tmp_path / "r" / "sweep.png").stat().st_size > 0
+    # more replay, less forgetting: the plotted points are the table's
+    assert s["methods"]["nll@100"]["forgetting_recovered"] > s["methods"]["nll@10"]["forgetting_recovered"]
+    plain = report(str(tmp_path / "methods" / "ft"), RET, DOWN, output_dir=str(tmp_path / "p"))
+    assert "sweep.png" not in plain["plots"]

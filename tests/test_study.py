@@ -96,3 +96,28 @@ def test_the_progress_line_scales_the_estimates_by_the_pace_seen():
     progress.done(1, 0.01)  # skipped as finished earlier: says nothing of the pace
     assert progress.rest(2) == pytest.approx(2.0)
     assert Progress([None]).line(0, "ft seed 0") == "[study] step 1/1: ft seed 0"
+    # each kind keeps its own pace: a data step quicker than guessed does not shorten the fits
+    mixed = Progress([2.0, 3.0, 3.0], ["data", "fit", "fit"])
+    mixed.done(0, 0.5)
+    assert mixed.rest(1) == pytest.approx(6.0)
+    mixed.done(1, 4.5)
+    assert mixed.rest(2) == pytest.approx(4.5)
+
+
+STUDIES = sorted(p.relative_to(REPO).as_posix() for p in REPO.glob("configs/toy*/*.yaml")
+                 if "methods:" in p.read_text())
+
+
+@pytest.mark.parametrize("config", STUDIES)
+def test_every_shipped_study_config_plans(config, monkeypatch, capsys):
+    """Each shipped study parses, names files that exist and placeholders it defines, and states
+    how long it takes; the plan runs nothing."""
+    from cfs_lightning.commands import call, function
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(cfs_lightning.experiments.study, "run_fit", lambda *a: pytest.fail("plan ran a fit"))
+    plan = call(function("study"), ["--config", config, "--plan=true"])
+    header = (REPO / config).read_text()
+    assert plan["steps"] and plan["minutes"] > 0
+    assert "minutes" in header.split("\nbase:")[0]  # the config says how long it takes
+    assert "about" in capsys.readouterr().out

@@ -17,10 +17,16 @@ class ReplayConfig:
     """Another replay directory to measure `val/replay_nll` on: its last `val_size` sequences,
     and nothing is held out of `dir`. Give every run the same context-free set here to compare
     the drift of runs trained on different replay sources (contextual, real text, dialogue)."""
+    max_passes: int | None = None
+    """Refuse a fit that would show any replay sequence more than this many times (the replay
+    cycles once exhausted, and a small set seen over and over is memorised rather than anchoring
+    the model); None: no limit. The number of passes is logged either way."""
     strict: bool = True
     """Refuse shards whose manifest names another base model than the one being fine-tuned
     (a different tokenizer is always refused)."""
 
     def __post_init__(self) -> None:
+        if self.max_passes is not None and self.max_passes < 1:
+            raise ValueError(f"replay.max_passes must be >= 1 or null, got {self.max_passes}")
         if self.val_size < 0:
             raise ValueError(f"replay.val_size must be >= 0, got {self.val_size}")

@@ -33,13 +33,47 @@ class _Resumable:
 
 
 class TaskSampler(_Resumable, DistributedSampler):
-    """This rank's share of a shuffle of the task data, reshuffled every epoch from (seed, epoch)."""
+    """This rank's share of a shuffle of the task data, reshuffled every epoch from (seed, epoch).
 
-    def __init__(self, n: int, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+    With `lengths` and `batch_size`, batches are grouped by length (Hugging Face Trainer's
+    `group_by_length`): the shuffle is cut into windows of 64 batches, each window is sorted by
+    length so that a batch holds sequences of similar length and pads little, and the batches are
+    put in a shuffled order again. Every rank gets its share of the same batches, so the step's
+    sequences stay alike across ranks too.
+    """
+
+    GROUP_BATCHES = 64
+
+    def __init__(self, n: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 lengths: list[int] | None = None, batch_size: int | None = None) -> None:
         super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        if lengths is not None and (batch_size is None or len(lengths) != n):
+            raise ValueError("TaskSampler: lengths needs batch_size and one length per item")
+        self.lengths, self.batch_size = lengths, batch_size
 
     def __iter__(self) -> Iterator[int]:
-        return self._skipping(super().__iter__())
+        if self.lengths is None:
+            return self._skipping(super().__iter__())
+        return self._skipping(iter(self._grouped()[self.rank:self.total_size:self.num_replicas]))
+
+    def _grouped(self) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=gen).tolist()
+        if self.drop_last:
+            order = order[:self.total_size]
+        else:  # as DistributedSampler: repeat from the start to a multiple of the ranks
+            order += order[:self.total_size - len(order)]
+        step = self.batch_size * self.num_replicas  # one batch of every rank
+        window = step * self.GROUP_BATCHES
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start:start + window], key=lambda i: -self.lengths[i])
+            batches += [chunk[k:k + step] for k in range(0, len(chunk), step)]
+        # the short last batch stays last, as in an ungrouped epoch
+        full = [b for b in batches if len(b) == step]
+        rest = [b for b in batches if len(b) != step]
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=gen).tolist()]
+        return [i for b in shuffled + rest for i in b]
 
 
 class CyclingSampler(_Resumable, DistributedSampler):

@@ -18,8 +18,10 @@ from ..io import atomic_dir
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
-def train_tokenizer(files: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with BOS/EOS/PAD.
+def train_tokenizer(files: list[str], vocab_size: int,
+                    special_tokens: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with the given special tokens (default BOS `<s>`, EOS `</s>`, PAD `<pad>`;
+    GPT-2's kind is `{bos_token: <|endoftext|>, eos_token: <|endoftext|>}`, BOS == EOS, no PAD).
 
     Encoding adds no special tokens (GPT-2 style): cfs_lightning adds the start token itself, and
     lm-eval's rolling log-likelihood prepends BOS on its own, so a BOS-adding tokenizer would
@@ -28,17 +30,22 @@ def train_tokenizer(files: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         raise FileNotFoundError(f"tokenizer training files not found: {missing}")
+    special = special_tokens or SPECIAL_TOKENS
+    unknown = sorted(set(special) - {"bos_token", "eos_token", "pad_token", "unk_token"})
+    if unknown or "bos_token" not in special or "eos_token" not in special:
+        raise ValueError(f"special_tokens: give bos_token and eos_token (and optionally pad_token, "
+                         f"unk_token); got {sorted(special)}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS.values()),
+        special_tokens=list(dict.fromkeys(special.values())),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train(files, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
 
 
 def init_model(
@@ -49,6 +56,7 @@ def init_model(
     model_config: dict[str, Any] | None = None,
     seed: int = 0,
     overwrite: bool = False,
+    special_tokens: dict[str, str] | None = None,
 ) -> Path:
     """Train the tokenizer, build a randomly initialised model, save both to `output_dir`.
 
@@ -60,11 +68,13 @@ def init_model(
         model_config: Config fields for that model type (hidden_size, num_hidden_layers, ...).
         seed: Seed of the weight initialisation.
         overwrite: Replace an existing `output_dir`.
+        special_tokens: The tokenizer's special tokens (see `train_tokenizer`); default BOS `<s>`,
+            EOS `</s>`, PAD `<pad>`.
     """
     out = Path(output_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite=true to replace it")
-    tokenizer = train_tokenizer(text_files, vocab_size)
+    tokenizer = train_tokenizer(text_files, vocab_size, special_tokens)
     config = AutoConfig.for_model(
         model_type,
         vocab_size=len(tokenizer),

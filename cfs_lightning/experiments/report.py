@@ -285,7 +285,7 @@ def to_markdown(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plots(runs: list[Run], s: dict, out: Path) -> list[str]:
+def _plots(runs: list[Run], s: dict, out: Path, sweep_label: str | None = None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -366,6 +366,30 @@ def _plots(runs: list[Run], s: dict, out: Path) -> list[str]:
                       "gain kept: 100 = as much learned)", fontsize=8)
         ax.legend(fontsize=8)
         save(fig, "recovered.png")
+
+    # 4. an ablation: methods named <series>@<value> plotted against the value
+    series: dict[str, list[tuple[float, str]]] = {}
+    for n in names:
+        prefix, _, value = n.rpartition("@")
+        if prefix and _number(value) is not None and s["baseline"] is not None:
+            series.setdefault(prefix, []).append((float(value), n))
+    if series:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), squeeze=False)
+        for ax, key, label in zip(axes[0], ("forgetting_recovered", "gain_kept"),
+                                  ("forgetting recovered (%)", "downstream gain kept (%)")):
+            for prefix, points in series.items():
+                points.sort()
+                ax.errorbar([x for x, _ in points], [100 * s["methods"][n][key] for _, n in points],
+                            yerr=[100 * s["methods"][n][f"{key}_std"] for _, n in points],
+                            marker="o", capsize=3, label=prefix)
+            ax.axhline(100, color="k", lw=0.6, ls=":")
+            ax.set_xlabel(sweep_label or "value")
+            ax.set_ylabel(label)
+            if sweep_label and "log" in sweep_label:
+                ax.set_xscale("log")
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        save(fig, "sweep.png")
     return written
 
 
@@ -376,12 +400,15 @@ def report(
     output_dir: str = "report",
     baseline: str | None = "ft",
     higher_is_better: list[str] | None = None,
+    sweep_label: str | None = None,
 ) -> dict:
     """Write the comparison of a set of runs: `results.md`, `results.json` and PNG plots.
 
     Plots: `tradeoff.png` (retained against downstream per method, the base model marked),
     `curves.png` (retained, downstream, `val/replay_nll` and `val/task_loss` per epoch, mean ± std
-    over seeds) and `recovered.png` (forgetting recovered and gain kept per method).
+    over seeds), `recovered.png` (forgetting recovered and gain kept per method) and, for an
+    ablation whose methods are named `<series>@<value>` (`nll@25`, `kl@25`), `sweep.png`: both
+    against the value, one line per series.
 
     Args:
         runs: A run folder, or a folder to search for runs (e.g. a study's `methods/`), or a
@@ -392,12 +419,14 @@ def report(
         output_dir: Where the table, its JSON and the plots are written.
         baseline: The method everything is measured against (plain fine-tuning); null: none.
         higher_is_better: Metrics that are better higher, where the logs do not tell (no `forget/`).
+        sweep_label: The x-axis of `sweep.png` (what `<value>` is); one with "log" in it gets a
+            log scale.
     """
     loaded = [load_run(p) for p in find_runs([runs] if isinstance(runs, str) else runs)]
     summary = summarize(loaded, retained, downstream, baseline, higher_is_better or [])
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary["plots"] = _plots(loaded, summary, out)
+    summary["plots"] = _plots(loaded, summary, out, sweep_label)
     table = to_markdown(summary)
     body = table + "\n" + "\n".join(f"![{p[:-4]}]({p})" for p in summary["plots"]) + "\n"
     for name, text in (("results.json", json.dumps(summary, indent=2) + "\n"), ("results.md", body)):

@@ -99,10 +99,18 @@ def _build_base(base: str, toy_base: ToyBase) -> None:
     build_base(base, toy_base.init_config, toy_base.pretrain_config)
 
 
+def _plan(steps: list[tuple]) -> dict:
+    """The steps a study would run, and the minutes they are expected to take."""
+    progress = Progress([minutes for _, minutes, _, _ in steps], [kind for *_, kind in steps])
+    for i, (label, minutes, _, _) in enumerate(steps):
+        print(f"{i + 1:3d}. {label}" + (f" ({minutes:g} min)" if minutes is not None else ""))
+    total = progress.rest(0) if steps else 0.0
+    if total is not None:
+        print(f"about {total:.0f} minutes in all (on the machine the estimates were measured on)")
+    return {"steps": [label for label, *_ in steps], "minutes": total}
+
+
 def _run_data_step(step: DataStep, base: str, out: Path) -> None:
-    data_commands = [name for name, c in COMMANDS.items() if c.data]
-    if step.command not in data_commands:
-        raise ValueError(f"data step {step.name!r}: unknown command {step.command!r}; one of {sorted(data_commands)}")
     fn = function(step.command)
     model_arg = "base.model" if "base" in inspect.signature(fn).parameters else "tokenizer"
     rank_zero_info(f"[study] data step {step.name}: cfs {step.command} -> {out}")
@@ -123,6 +131,8 @@ def study(
     toy_base: ToyBase | None = None,
     baseline: str | None = "ft",
     report_dir: str | None = None,
+    sweep_label: str | None = None,
+    plan: bool = False,
 ) -> dict:
     """Fit every method for every seed against one base model and task, then `cfs report` them.
 
@@ -145,6 +155,9 @@ def study(
         toy_base: Build the toy base model into `base` when it does not exist; None: `base` must exist.
         baseline: The method the report measures forgetting recovered and gain kept against.
         report_dir: Where `cfs report` writes; default `<output_dir>/report`.
+        sweep_label: For an ablation with methods named `<series>@<value>`: what the value is
+            (the x-axis of the report's `sweep.png`).
+        plan: Check the study and print its steps with their expected minutes, running nothing.
     """
     out = Path(output_dir)
     names = [m.name for m in methods] + ([wise_ft.name] if wise_ft else [])
@@ -154,29 +167,41 @@ def study(
         raise ValueError(f"study: wise_ft.finetuned={wise_ft.finetuned!r} is not one of the methods {names}")
     if baseline is not None and baseline not in names:
         raise ValueError(f"study: baseline={baseline!r} is not one of the methods {names}")
+    data_commands = [name for name, c in COMMANDS.items() if c.data]
+    for step in data:
+        if step.command not in data_commands:
+            raise ValueError(f"data step {step.name!r}: unknown command {step.command!r}; one of {sorted(data_commands)}")
+    named = [("fit_config", fit_config)] + [(f"method {m.name}", c) for m in methods for c in m.configs]
+    missing = [f"{who}: {c}" for who, c in named + [(f"data step {s.name}", s.config) for s in data]
+               if not Path(c).is_file()]
+    if missing:
+        raise FileNotFoundError("study: config files not found (paths are relative to the working "
+                                "directory, the repository root for the shipped configs): " + "; ".join(missing))
     values = {"base": base, "output_dir": str(out)}
     values |= {f"data.{s.name}": str(out / "data" / s.name) for s in data}
     # every placeholder is checked before anything runs
     fit_args = [_resolve(a, values, "study fit_args") for a in fit_args]
     method_args = {m.name: [_resolve(a, values, f"method {m.name}") for a in m.args] for m in methods}
-    # The steps in the order they run (seeds in the outer loop), each a (label, expected minutes, run).
+    # The steps in the order they run (seeds in the outer loop): (label, expected minutes, run, kind).
     steps = []
     if toy_base is not None and not (Path(base) / "config.json").is_file():
         steps.append((f"build the toy base model into {base}", toy_base.minutes,
-                      lambda: _build_base(base, toy_base)))
-    steps += [(f"data {s.name}", s.minutes, lambda s=s: _run_data_step(s, base, out / "data" / s.name))
-             for s in data]
+                      lambda: _build_base(base, toy_base), "base"))
+    steps += [(f"data {s.name}", s.minutes, lambda s=s: _run_data_step(s, base, out / "data" / s.name), "data")
+              for s in data]
     for seed in sorted({s for m in methods for s in (m.seeds or seeds)}):
         for m in methods:
             if seed in (m.seeds or seeds):
                 steps.append((f"{m.name} seed {seed}", m.minutes, lambda m=m, seed=seed: _fit_once(
-                    m, seed, base, fit_config, fit_args + method_args[m.name], out / "methods" / m.name)))
+                    m, seed, base, fit_config, fit_args + method_args[m.name], out / "methods" / m.name), "fit"))
         if wise_ft is not None and seed in (_method(methods, wise_ft.finetuned).seeds or seeds):
             steps.append((f"{wise_ft.name} seed {seed}", None, lambda seed=seed: _interpolate_once(
-                wise_ft, seed, base, retained, downstream, out / "methods")))
+                wise_ft, seed, base, retained, downstream, out / "methods"), "wise-ft"))
+    if plan:
+        return _plan(steps)
     start, timings = time.perf_counter(), {}
-    progress = Progress([minutes for _, minutes, _ in steps])
-    for i, (label, _, run) in enumerate(steps):
+    progress = Progress([minutes for _, minutes, _, _ in steps], [kind for *_, kind in steps])
+    for i, (label, _, run, _) in enumerate(steps):
         rank_zero_info(progress.line(i, label))
         began = time.perf_counter()
         minutes = run()
@@ -187,36 +212,56 @@ def study(
     rank_zero_info(f"[study] {len(timings)} runs, {sum(timings.values()):.1f} minutes of run time "
                    f"(this call: {total:.1f} minutes)")
     return report([str(out / "methods" / n) for n in names if (out / "methods" / n).is_dir()],
-                  retained, downstream, output_dir=report_dir or str(out / "report"), baseline=baseline)
+                  retained, downstream, output_dir=report_dir or str(out / "report"), baseline=baseline,
+                  sweep_label=sweep_label)
 
 
 class Progress:
     """The study's progress line: which step runs and how long the rest should take.
 
     The rest is estimated from the steps' expected minutes (`DataStep.minutes`, `Method.minutes`),
-    scaled by how long the steps done in this call took against their estimates, so a slower
-    machine sees its own pace; steps without an estimate count as the mean of those done. A step
-    skipped as finished earlier takes seconds and does not count.
+    each kind of step (data, fit) scaled by how long the steps of that kind done in this call took
+    against their estimates, so a slower machine sees its own pace; steps without an estimate count
+    as the mean of those of their kind (or of any) done. A step skipped as finished earlier takes
+    seconds and does not count.
     """
 
-    def __init__(self, expected: list[float | None]) -> None:
+    def __init__(self, expected: list[float | None], kinds: list[str] | None = None) -> None:
         self.expected, self.took = expected, [None] * len(expected)
+        self.kinds = kinds or ["step"] * len(expected)
 
     def done(self, i: int, minutes: float) -> None:
         if minutes > 0.05:  # a skipped step says nothing of the pace
             self.took[i] = minutes
 
+    def _steps(self, kind: str | None = None) -> list[int]:
+        return [j for j, k in enumerate(self.kinds) if kind is None or k == kind]
+
+    def _pace(self, kind: str) -> float:
+        timed = [j for j in self._steps(kind) if self.took[j] is not None and self.expected[j] is not None]
+        return sum(self.took[j] for j in timed) / sum(self.expected[j] for j in timed) if timed else 1.0
+
+    def _typical(self, kind: str) -> float | None:
+        for steps in (self._steps(kind), self._steps()):
+            done = [self.took[j] for j in steps if self.took[j] is not None]
+            if done:
+                return sum(done) / len(done)
+            known = [self.expected[j] for j in steps if self.expected[j] is not None]
+            if known:
+                return self._pace(kind) * sum(known) / len(known)
+        return None
+
     def rest(self, i: int) -> float | None:
         """Minutes expected for steps i.. (None before there is anything to go by)."""
-        done = [(t, e) for t, e in zip(self.took, self.expected) if t is not None]
-        known = [e for e in self.expected if e is not None]
-        pace = (sum(t for t, e in done if e is not None) / sum(e for t, e in done if e is not None)
-                if any(e is not None for _, e in done) else 1.0)
-        typical = (sum(t for t, _ in done) / len(done) if done
-                   else (pace * sum(known) / len(known) if known else None))
-        if typical is None:
-            return None
-        return sum(pace * e if e is not None else typical for e in self.expected[i:])
+        total = 0.0
+        for j in range(i, len(self.expected)):
+            kind = self.kinds[j]
+            minutes = (self._pace(kind) * self.expected[j] if self.expected[j] is not None
+                       else self._typical(kind))
+            if minutes is None:
+                return None
+            total += minutes
+        return total
 
     def line(self, i: int, label: str) -> str:
         rest = self.rest(i)
