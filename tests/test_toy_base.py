@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from cfs_lightning.experiments.toy_base import BUILD, SHIPPED, TOLERANCE, _sha256, build_base, compare_bases
+from cfs_lightning.experiments.toy_base import BUILD, SHIPPED, TOLERANCE, build_base, compare_bases
+from cfs_lightning.io import sha256_file
 
 from .conftest import REPO
 
@@ -16,9 +17,9 @@ def test_the_shipped_base_is_the_one_its_record_describes():
     shipped = REPO / SHIPPED
     record = json.loads((shipped / BUILD).read_text())
     for name, digest in record["files"].items():
-        assert _sha256(shipped / name) == digest, f"{SHIPPED}/{name} changed since it was built"
+        assert sha256_file(shipped / name) == digest, f"{SHIPPED}/{name} changed since it was built"
     for path, digest in {**record["configs"], **record["text_files"]}.items():
-        assert _sha256(REPO / path) == digest, (
+        assert sha256_file(REPO / path) == digest, (
             f"{path} changed since {SHIPPED} was built from it: rebuild it (scripts/demo.sh --rebuild, "
             f"then copy runs/toy/base to {SHIPPED})")
     assert record["heldout_loss"] < 5.0  # pretrained, not the random init (ln 2048 = 7.6)

@@ -11,7 +11,6 @@ of every file. `compare_bases` says how far a rebuild is from a shipped base; th
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import platform
@@ -22,7 +21,7 @@ from pathlib import Path
 import yaml
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..io import write_text
+from ..io import sha256_file, write_text
 from .init_model import init_model
 from .runner import run_cli, run_command
 
@@ -44,14 +43,6 @@ class ToyBase:
     pretrain_config: str = "configs/toy/base/pretrain.yaml"
     minutes: float | None = None
     """How long building it is expected to take, for the study's progress line."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _heldout_loss(metrics_csv: Path) -> float | None:
@@ -97,9 +88,9 @@ def _record(base_dir: Path, init_config: str, pretrain_config: str, pretrain_arg
         "format": FORMAT,
         "built_by": "cfs_lightning.experiments.toy_base.build_base (cfs study with toy_base, "
                     "or scripts/demo.sh --rebuild)",
-        "configs": {p: _sha256(Path(p)) for p in (init_config, pretrain_config)},
+        "configs": {p: sha256_file(Path(p)) for p in (init_config, pretrain_config)},
         "pretrain_args": pretrain_args,
-        "text_files": {p: _sha256(Path(p)) for p in text_files},
+        "text_files": {p: sha256_file(Path(p)) for p in text_files},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "lightning": lightning.__version__,
                      "tokenizers": tokenizers.__version__},
@@ -107,7 +98,7 @@ def _record(base_dir: Path, init_config: str, pretrain_config: str, pretrain_arg
                     "platform": platform.platform()},
         "minutes": round(minutes, 2),
         "heldout_loss": heldout_loss,
-        "files": {p.name: _sha256(p) for p in sorted(base_dir.iterdir()) if p.is_file() and p.name != BUILD},
+        "files": {p.name: sha256_file(p) for p in sorted(base_dir.iterdir()) if p.is_file() and p.name != BUILD},
     }
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pyarrow.compute as pc
 from datasets import Dataset, concatenate_datasets
 
+from ..io import sha256_file
 from .manifest import MANIFEST, ReplayIntegrityError, read_manifest
 
 
@@ -81,10 +81,3 @@ def load_shards(replay_dir: str | Path) -> Dataset:
         raise ValueError(f"replay directory {replay_dir} holds no sequences")
     return concatenate_datasets(parts).with_format("numpy")
 
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -30,9 +30,8 @@ import torch.distributed as dist
 from datasets import Dataset, Features
 from datasets.arrow_writer import ArrowWriter
 
-from ..io import atomic_file, fsync, write_text
+from ..io import atomic_file, fsync, sha256_file, write_text
 from .manifest import COLUMNS, FORMAT, MANIFEST, ReplayIntegrityError, read_manifest
-from .reader import sha256_file
 
 log = logging.getLogger(__name__)
 
