@@ -137,8 +137,10 @@ def test_report_files_get_the_umask_mode_not_mkstemps_0600(runs, tmp_path):
 def test_an_ablation_named_series_at_value_gets_its_sweep_plot(runs, tmp_path):
     for name, ret in (("nll@10", 2.9), ("nll@100", 2.3), ("kl@10", 2.6)):
         _fit_run(runs / name / "seed0", [(2.5, 0.5), (ret, 0.6)], [2.2, 2.3])
-    s = report(str(runs), RET, DOWN, output_dir=str(tmp_path / "r"), sweep_label="replay budget (%)")
+    s = report(str(runs), RET, DOWN, output_dir=str(tmp_path / "r"), sweep_label="replay budget (%)",
+               labels={"cfs": "nll@50"})  # another study's runs shown as one of the points
     assert "sweep.png" in s["plots"] and (tmp_path / "r" / "sweep.png").stat().st_size > 0
+    assert "cfs" not in s["methods"] and s["methods"]["nll@50"]["seeds"] == 2
     # more replay, less forgetting: the plotted points are the table's
     assert s["methods"]["nll@100"]["forgetting_recovered"] > s["methods"]["nll@10"]["forgetting_recovered"]
     plain = report(str(tmp_path / "methods" / "ft"), RET, DOWN, output_dir=str(tmp_path / "p"))

@@ -401,6 +401,7 @@ def report(
     baseline: str | None = "ft",
     higher_is_better: list[str] | None = None,
     sweep_label: str | None = None,
+    labels: dict[str, str] | None = None,
 ) -> dict:
     """Write the comparison of a set of runs: `results.md`, `results.json` and PNG plots.
 
@@ -421,8 +422,12 @@ def report(
         higher_is_better: Metrics that are better higher, where the logs do not tell (no `forget/`).
         sweep_label: The x-axis of `sweep.png` (what `<value>` is); one with "log" in it gets a
             log scale.
+        labels: Names to show methods under, by their folder name (`{cfs-nll: nll@25}`: an
+            ablation shows another study's runs as one of its points); `baseline` is a shown name.
     """
     loaded = [load_run(p) for p in find_runs([runs] if isinstance(runs, str) else runs)]
+    for run in loaded:
+        run.method = (labels or {}).get(run.method, run.method)
     summary = summarize(loaded, retained, downstream, baseline, higher_is_better or [])
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

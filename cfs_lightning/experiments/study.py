@@ -64,6 +64,10 @@ class Method:
     """Seeds of this method; default: the study's."""
     minutes: float | None = None
     """How long one fit is expected to take, for the progress line's estimate of the rest."""
+    label: str | None = None
+    """Its name in the report; default `name`. An ablation that shares a study's folder lists a
+    method of that study under its own name and a label (`name: cfs-nll, label: nll@25`): the
+    runs, finished with the same settings, are reused, not fitted again."""
 
 
 @dataclass
@@ -99,12 +103,19 @@ def _build_base(base: str, toy_base: ToyBase) -> None:
     build_base(base, toy_base.init_config, toy_base.pretrain_config)
 
 
-def _plan(steps: list[tuple]) -> dict:
-    """The steps a study would run, and the minutes they are expected to take."""
-    progress = Progress([minutes for _, minutes, _, _ in steps], [kind for *_, kind in steps])
-    for i, (label, minutes, _, _) in enumerate(steps):
-        print(f"{i + 1:3d}. {label}" + (f" ({minutes:g} min)" if minutes is not None else ""))
-    total = progress.rest(0) if steps else 0.0
+def _plan(steps: list[tuple], out: Path) -> dict:
+    """The steps a study would run, and the minutes they are expected to take (fits finished
+    earlier in `out`, which a run would skip, count nothing)."""
+    todo = []
+    for i, (label, minutes, _, kind) in enumerate(steps):
+        name, _, seed = label.rpartition(" seed ")
+        done = kind == "fit" and (out / "methods" / name / f"seed{seed}" / "study.json").is_file()
+        print(f"{i + 1:3d}. {label}" + (" (finished earlier)" if done else
+                                         f" ({minutes:g} min)" if minutes is not None else ""))
+        if not done:
+            todo.append((minutes, kind))
+    progress = Progress([m for m, _ in todo], [k for _, k in todo])
+    total = progress.rest(0) if todo else 0.0
     if total is not None:
         print(f"about {total:.0f} minutes in all (on the machine the estimates were measured on)")
     return {"steps": [label for label, *_ in steps], "minutes": total}
@@ -161,12 +172,14 @@ def study(
     """
     out = Path(output_dir)
     names = [m.name for m in methods] + ([wise_ft.name] if wise_ft else [])
-    if len(set(names)) != len(names) or not names:
-        raise ValueError(f"study: method names must be unique and at least one; got {names}")
+    labels = {m.name: m.label for m in methods if m.label is not None}
+    shown = [labels.get(n, n) for n in names]
+    if len(set(names)) != len(names) or len(set(shown)) != len(shown) or not names:
+        raise ValueError(f"study: method names and labels must be unique and at least one; got {shown}")
     if wise_ft and wise_ft.finetuned not in names:
         raise ValueError(f"study: wise_ft.finetuned={wise_ft.finetuned!r} is not one of the methods {names}")
-    if baseline is not None and baseline not in names:
-        raise ValueError(f"study: baseline={baseline!r} is not one of the methods {names}")
+    if baseline is not None and baseline not in shown:
+        raise ValueError(f"study: baseline={baseline!r} is not one of the methods {shown}")
     data_commands = [name for name, c in COMMANDS.items() if c.data]
     for step in data:
         if step.command not in data_commands:
@@ -198,7 +211,7 @@ def study(
             steps.append((f"{wise_ft.name} seed {seed}", None, lambda seed=seed: _interpolate_once(
                 wise_ft, seed, base, retained, downstream, out / "methods"), "wise-ft"))
     if plan:
-        return _plan(steps)
+        return _plan(steps, out)
     start, timings = time.perf_counter(), {}
     progress = Progress([minutes for _, minutes, _, _ in steps], [kind for *_, kind in steps])
     for i, (label, _, run, _) in enumerate(steps):
@@ -213,7 +226,7 @@ def study(
                    f"(this call: {total:.1f} minutes)")
     return report([str(out / "methods" / n) for n in names if (out / "methods" / n).is_dir()],
                   retained, downstream, output_dir=report_dir or str(out / "report"), baseline=baseline,
-                  sweep_label=sweep_label)
+                  sweep_label=sweep_label, labels=labels)
 
 
 class Progress:
