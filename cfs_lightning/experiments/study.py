@@ -99,26 +99,35 @@ def _resolve(text: str, values: dict[str, str], where: str) -> str:
     return _PLACEHOLDER.sub(sub, text)
 
 
-def _build_base(base: str, toy_base: ToyBase) -> None:
-    build_base(base, toy_base.init_config, toy_base.pretrain_config)
+@dataclass
+class _Step:
+    """One step of a study, in the order they run."""
+
+    label: str
+    minutes: float | None
+    """Expected minutes (the config's estimate), for the progress line."""
+    kind: str
+    """base, data, fit or wise-ft: the progress line keeps a pace per kind."""
+    run: Any
+    """What does it; a fit's returns the minutes it took."""
+    finished: Path | None = None
+    """A fit's `study.json`: there when a rerun would skip it."""
 
 
-def _plan(steps: list[tuple], out: Path) -> dict:
+def _plan(steps: list[_Step]) -> dict:
     """The steps a study would run, and the minutes they are expected to take (fits finished
-    earlier in `out`, which a run would skip, count nothing)."""
+    earlier, which a run would skip, count nothing)."""
     todo = []
-    for i, (label, minutes, _, kind) in enumerate(steps):
-        name, _, seed = label.rpartition(" seed ")
-        done = kind == "fit" and (out / "methods" / name / f"seed{seed}" / "study.json").is_file()
-        print(f"{i + 1:3d}. {label}" + (" (finished earlier)" if done else
-                                         f" ({minutes:g} min)" if minutes is not None else ""))
+    for i, step in enumerate(steps):
+        done = step.finished is not None and step.finished.is_file()
+        print(f"{i + 1:3d}. {step.label}" + (" (finished earlier)" if done else
+                                              f" ({step.minutes:g} min)" if step.minutes is not None else ""))
         if not done:
-            todo.append((minutes, kind))
-    progress = Progress([m for m, _ in todo], [k for _, k in todo])
-    total = progress.rest(0) if todo else 0.0
+            todo.append(step)
+    total = Progress([s.minutes for s in todo], [s.kind for s in todo]).rest(0) if todo else 0.0
     if total is not None:
         print(f"about {total:.0f} minutes in all (on the machine the estimates were measured on)")
-    return {"steps": [label for label, *_ in steps], "minutes": total}
+    return {"steps": [s.label for s in steps], "minutes": total}
 
 
 def _run_data_step(step: DataStep, base: str, out: Path) -> None:
@@ -195,32 +204,33 @@ def study(
     # every placeholder is checked before anything runs
     fit_args = [_resolve(a, values, "study fit_args") for a in fit_args]
     method_args = {m.name: [_resolve(a, values, f"method {m.name}") for a in m.args] for m in methods}
-    # The steps in the order they run (seeds in the outer loop): (label, expected minutes, run, kind).
     steps = []
     if toy_base is not None and not (Path(base) / "config.json").is_file():
-        steps.append((f"build the toy base model into {base}", toy_base.minutes,
-                      lambda: _build_base(base, toy_base), "base"))
-    steps += [(f"data {s.name}", s.minutes, lambda s=s: _run_data_step(s, base, out / "data" / s.name), "data")
+        steps.append(_Step(f"build the toy base model into {base}", toy_base.minutes, "base",
+                           lambda: build_base(base, toy_base.init_config, toy_base.pretrain_config)))
+    steps += [_Step(f"data {s.name}", s.minutes, "data", lambda s=s: _run_data_step(s, base, out / "data" / s.name))
               for s in data]
-    for seed in sorted({s for m in methods for s in (m.seeds or seeds)}):
+    for seed in sorted({s for m in methods for s in (m.seeds or seeds)}):  # seeds in the outer loop
         for m in methods:
             if seed in (m.seeds or seeds):
-                steps.append((f"{m.name} seed {seed}", m.minutes, lambda m=m, seed=seed: _fit_once(
-                    m, seed, base, fit_config, fit_args + method_args[m.name], out / "methods" / m.name), "fit"))
+                folder = out / "methods" / m.name
+                steps.append(_Step(f"{m.name} seed {seed}", m.minutes, "fit", lambda m=m, seed=seed, folder=folder:
+                                   _fit_once(m, seed, base, fit_config, fit_args + method_args[m.name], folder),
+                                   folder / f"seed{seed}" / "study.json"))
         if wise_ft is not None and seed in (_method(methods, wise_ft.finetuned).seeds or seeds):
-            steps.append((f"{wise_ft.name} seed {seed}", None, lambda seed=seed: _interpolate_once(
-                wise_ft, seed, base, retained, downstream, out / "methods"), "wise-ft"))
+            steps.append(_Step(f"{wise_ft.name} seed {seed}", None, "wise-ft", lambda seed=seed: _interpolate_once(
+                wise_ft, seed, base, retained, downstream, out / "methods")))
     if plan:
-        return _plan(steps, out)
+        return _plan(steps)
     start, timings = time.perf_counter(), {}
-    progress = Progress([minutes for _, minutes, _, _ in steps], [kind for *_, kind in steps])
-    for i, (label, _, run, _) in enumerate(steps):
-        rank_zero_info(progress.line(i, label))
+    progress = Progress([s.minutes for s in steps], [s.kind for s in steps])
+    for i, step in enumerate(steps):
+        rank_zero_info(progress.line(i, step.label))
         began = time.perf_counter()
-        minutes = run()
+        minutes = step.run()
         progress.done(i, (time.perf_counter() - began) / 60)
-        if minutes is not None:
-            timings[label] = minutes
+        if step.kind in ("fit", "wise-ft"):
+            timings[step.label] = minutes
     total = (time.perf_counter() - start) / 60
     rank_zero_info(f"[study] {len(timings)} runs, {sum(timings.values()):.1f} minutes of run time "
                    f"(this call: {total:.1f} minutes)")
