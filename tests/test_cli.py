@@ -12,7 +12,8 @@ from cfs_lightning.shards import read_manifest
 
 from .conftest import REPO, write_jsonl
 
-FIT_CONFIGS = ["configs/toy/base/pretrain.yaml", "configs/toy/base/finetune.yaml"]
+FIT_CONFIGS = ["configs/toy/base/pretrain.yaml", "configs/toy/base/finetune.yaml",
+               "configs/toy2/base/pretrain.yaml", "configs/toy2/base/finetune.yaml"]
 METHODS = ["ft", "cfs-nll", "cfs-kl", "cfs-kl-topk", "l2", "ema", "lora", "lora+cfs", "cs", "real-replay",
            "self-dialogue", "online", "self-output", "rephrase", "stm"]
 OVERLAYS = {f"configs/toy/methods/{m}.yaml": "configs/toy/base/finetune.yaml" for m in METHODS}
@@ -28,6 +29,11 @@ FUNCTION_CONFIGS = {"configs/toy/base/init.yaml": "init", "configs/toy/data/cfs.
                     "configs/toy/data/token-mask.yaml": "token-mask",
                     "configs/toy/data/dialogue.yaml": "dialogue",
                     "configs/toy/continual.yaml": "continual", "configs/toy/study.yaml": "study",
+                    "configs/toy/study-data.yaml": "study",
+                    **{f"configs/toy/ablation-{a}.yaml": "study" for a in ("budget", "temperature", "weight", "lr")},
+                    "configs/toy2/base/init.yaml": "init", "configs/toy2/data/cfs.yaml": "generate",
+                    "configs/toy2/data/contextual.yaml": "contextual", "configs/toy2/data/corpus.yaml": "corpus",
+                    "configs/toy2/study.yaml": "study",
                     "configs/paper/data/olmo1b_math.yaml": "generate"}
 TASK_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/tasks").glob("*.yaml"))
 

@@ -73,16 +73,24 @@ def test_study_config_errors_are_named_before_anything_runs(tmp_path, monkeypatc
     assert not (tmp_path / "s").exists()
 
 
-def test_shipped_study_covers_every_method_of_the_comparison():
+def test_shipped_study_covers_every_method_of_the_comparison_soundly():
+    """Every method, three seeds each, on the whole training split, with every replay source at one
+    budget that no fit cycles (25%, drawn at 0.25 per task sequence, max_passes 2)."""
     config = yaml.safe_load((REPO / "configs/toy/study.yaml").read_text())
-    assert [m["name"] for m in config["methods"]] == [
-        "ft", "lora", "l2", "ema", "cs", "real-replay", "cfs-nll-10", "cfs-nll-100", "cfs-kl", "cfs-kl-topk",
-        "stm", "self-output", "self-dialogue"]
+    names = [m["name"] for m in config["methods"]]
+    assert names == ["ft", "lora", "l2", "ema", "cs", "real-replay", "cfs-nll", "cfs-kl", "cfs-kl-topk"]
+    data_side = yaml.safe_load((REPO / "configs/toy/study-data.yaml").read_text())
+    assert [m["name"] for m in data_side["methods"]] == ["ft", "stm", "self-output", "self-dialogue"]
+    assert data_side["output_dir"] == config["output_dir"] and data_side["fit_args"] == config["fit_args"]
+    assert config["seeds"] == [0, 1, 2] and not any("seeds" in m for m in config["methods"])
     assert config["wise_ft"]["finetuned"] == "ft"
-    three = [m["name"] for m in config["methods"] if m.get("seeds") == [0, 1, 2]]
-    assert three == ["ft", "cfs-nll-10", "cfs-nll-100"]
+    assert "--data.init_args.task.split=train" in config["fit_args"]
+    assert "--data.init_args.replay.max_passes=2" in config["fit_args"]
+    train = sum(1 for _ in open(REPO / "data/gsm8k/train.jsonl"))
     budgets = {d["name"]: d["args"].get("budget.sequences") for d in config["data"]}
-    assert budgets["cfs_10"] * 10 == budgets["cfs_100"] == 640  # 10% and 100% of train[:640]
+    assert budgets["cfs_25"] == budgets["cs"] == budgets["real"] == round(0.25 * train)
+    replaying = [m for m in config["methods"] if m["name"] in ("cs", "real-replay", "cfs-nll", "cfs-kl", "cfs-kl-topk")]
+    assert all("--data.init_args.replay_ratio=0.25" in m["args"] for m in replaying)
 
 
 def test_the_progress_line_scales_the_estimates_by_the_pace_seen():
