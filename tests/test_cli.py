@@ -229,3 +229,17 @@ def test_data_method_commands_run_from_yaml(tmp_path, tiny_model_dir, tiny_task_
         assert manifest["num_sequences"] == (3 if command == "dialogue" else 4)
     out = capsys.readouterr().out
     assert "kept their reference" in out and "response tokens" in out and "3 dialogues" in out
+
+
+def test_the_command_line_shows_our_info_lines(capfd, monkeypatch):
+    import logging
+
+    from cfs_lightning.cli import show_logs
+
+    logger = logging.getLogger("cfs_lightning")
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in a fresh `cfs` process
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    show_logs()
+    logging.getLogger("cfs_lightning.data.datamodule").info("replay: 934 draws from 747 sequences")
+    assert "cfs_lightning.data.datamodule: replay: 934 draws from 747 sequences" in capfd.readouterr().err
