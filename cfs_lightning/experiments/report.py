@@ -85,7 +85,8 @@ def _number(text: str) -> float | None:
         return None
 
 
-def _read_csv(path: Path) -> list[dict[str, float]]:
+def read_csv_metrics(path: Path) -> list[dict[str, float]]:
+    """A CSVLogger's `metrics.csv` as rows of the numbers logged in them (empty cells left out)."""
     with path.open(newline="") as f:
         return [{k: v for k, v in ((k, _number(x)) for k, x in row.items()) if v is not None}
                 for row in csv.DictReader(f)]
@@ -121,7 +122,7 @@ def load_run(path: Path) -> Run:
     if (path / "wise_ft.json").is_file():
         run.sweep = json.loads((path / "wise_ft.json").read_text())
         return run
-    rows = _read_csv(path / "metrics.csv") if (path / "metrics.csv").is_file() else []
+    rows = read_csv_metrics(path / "metrics.csv") if (path / "metrics.csv").is_file() else []
     if not rows and any(path.glob("events.out.tfevents.*")):
         rows = _read_tensorboard(path)
     if (path / "retained_eval.json").is_file():

@@ -10,7 +10,6 @@ of every file. `compare_bases` says how far a rebuild is from a shipped base; th
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import platform
@@ -23,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..io import sha256_file, write_text
 from .init_model import init_model
+from .report import read_csv_metrics
 from .runner import run_cli, run_command
 
 BUILD = "BUILD.json"
@@ -47,11 +47,9 @@ class ToyBase:
 
 def _heldout_loss(metrics_csv: Path) -> float | None:
     """The last `val/task_loss` the pretraining logged."""
-    if not metrics_csv.is_file():
-        return None
-    with open(metrics_csv, newline="") as f:
-        values = [row["val/task_loss"] for row in csv.DictReader(f) if row.get("val/task_loss")]
-    return float(values[-1]) if values else None
+    rows = read_csv_metrics(metrics_csv) if metrics_csv.is_file() else []
+    values = [row["val/task_loss"] for row in rows if "val/task_loss" in row]
+    return values[-1] if values else None
 
 
 def build_base(base_dir: str | Path, init_config: str = "configs/toy/base/init.yaml",
