@@ -388,6 +388,9 @@ def _plots(runs: list[Run], s: dict, out: Path, sweep_label: str | None = None) 
             ax.set_ylabel(label)
             if sweep_label and "log" in sweep_label:
                 ax.set_xscale("log")
+            values = sorted({x for points in series.values() for x, _ in points})
+            ax.set_xticks(values, [f"{x:g}" for x in values])  # the swept values, not log-minor ticks
+            ax.minorticks_off()
         axes[0][0].legend(fontsize=8)
         fig.tight_layout()
         save(fig, "sweep.png")
