@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cfs_lightning.callbacks import OnlineReplay
-from cfs_lightning.callbacks.online_replay import merge_batches
+from cfs_lightning.callbacks.online_replay import merge_batches, task_prompts
 from cfs_lightning.experiments.continual import Stage, continual, summarize
 from cfs_lightning.data import ReplayConfig, ReplayDataModule
 from cfs_lightning.experiments.continual import FreshReplay
@@ -19,19 +19,22 @@ from cfs_lightning.tasks import TaskSource
 from cfs_lightning.sampling import Budget, SamplingConfig, sample_context_free
 from cfs_lightning.shards import read_manifest
 from cfs_lightning.training import CausalLMFineTuner
-from cfs_lightning.training.regularizers import KLFromCachedTopK, NLLReplay
+from cfs_lightning.tokens import IGNORE_INDEX
+from cfs_lightning.training.regularizers import KLFromCachedTopK, KLToReference, NLLReplay
 
-from .conftest import REPO
+from .conftest import REPO, make_eos_prone
 
 
 class Capture(L.Callback):
-    """Keeps the replay stream of every training batch (it runs after OnlineReplay)."""
+    """Keeps the replay stream of every training batch (it runs after OnlineReplay), and the task
+    stream beside it."""
 
-    def __init__(self) -> None:
-        self.replay: list[dict] = []
+    def __init__(self, stream: str = "replay") -> None:
+        self.stream, self.replay, self.task = stream, [], []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.replay.append({k: v.clone() for k, v in batch["replay"].items()})
+        self.replay.append({k: v.clone() for k, v in batch[self.stream].items()})
+        self.task.append({k: v.clone() for k, v in batch["task"].items()})
 
 
 def _fit(tiny_model_dir, tiny_task_files, callbacks, replay_ratio=0.0, replay=None, steps=5):
@@ -79,6 +82,69 @@ def test_online_replay_joins_cached_replay(tiny_model_dir, tiny_task_files, tiny
         online.setup(L.Trainer(accelerator="cpu", logger=False), module, "fit")
     with pytest.raises(ValueError, match="every_n_steps must be >= 1"):
         OnlineReplay(every_n_steps=0, num_sequences=1, batch_size=1)
+
+
+class BiasAfterFirstStep(L.Callback):
+    """After step 0, makes the trainable model say token `token` almost surely."""
+
+    def __init__(self, token: int) -> None:
+        self.token = token
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 1:
+            make_eos_prone(pl_module.hf_model, self.token, bias=50.0)
+
+
+def test_on_policy_samples_come_from_the_current_weights(tiny_model_dir, tiny_task_files):
+    """The base is made to say X, the trainable model Y from step 1 on: on-policy responses show
+    neither at step 0 and only Y after, so they come from the live weights, not the base."""
+    x, y = 40, 41
+    task = TaskSource(path="json", data_files=tiny_task_files, prompt="Question: {question}\nAnswer:",
+                      response=" {answer}", max_length=128)
+    dm = ReplayDataModule(task, tokenizer=str(tiny_model_dir), batch_size=2, replay_ratio=0.0)
+    module = CausalLMFineTuner(str(tiny_model_dir), reference="copy",
+                               regularizers=[KLToReference(on="onpolicy", direction="reverse")],
+                               optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    make_eos_prone(module.reference.model, x, bias=50.0)
+    cfg = SamplingConfig(max_new_tokens=6, batch_size=4, seed=3)
+    online = OnlineReplay(every_n_steps=1, num_sequences=3, batch_size=3, sampling=cfg, sampler="trainable",
+                          prompts="task", stream="onpolicy")
+    assert not online.needs_reference  # the KL term asks for the reference, not the sampler
+    capture = Capture("onpolicy")
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[online, BiasAfterFirstStep(y), capture])
+    trainer.fit(module, datamodule=dm)
+    assert online.rounds == 3 and trainer.callback_metrics["train/reg/kl_to_reference"] > 1.0
+    for step, (rows, task_batch) in enumerate(zip(capture.replay, capture.task)):
+        prompts = task_prompts(task_batch)
+        for i, (ids, mask, labels) in enumerate(zip(rows["input_ids"], rows["attention_mask"], rows["labels"])):
+            ids, labels = ids[mask.bool()].tolist(), labels[mask.bool()].tolist()
+            prompt = prompts[i % len(prompts)]  # the step's prompts, cycled to num_sequences
+            response = ids[len(prompt):]
+            assert ids[:len(prompt)] == prompt and labels == [IGNORE_INDEX] * len(prompt) + response
+            assert x not in response  # never the base's token
+            assert (response == [y] * 6) == (step > 0)  # the live weights' token, once they say it
+    # the same set-up with the base as the sampler says X: the bias is there to be seen
+    ref_online = OnlineReplay(every_n_steps=1, num_sequences=3, batch_size=3, sampling=cfg, prompts="task",
+                              stream="onpolicy")
+    batch = {"task": capture.task[0]}
+    ref_online._refill(trainer, module, batch, 0)
+    assert all(r["input_ids"][-6:] == [x] * 6 for r in ref_online._pool)
+
+
+def test_on_policy_options_are_checked(tiny_model_dir):
+    with pytest.raises(ValueError, match="OnlineReplay.sampler must be 'reference' or 'trainable'"):
+        OnlineReplay(every_n_steps=1, num_sequences=1, batch_size=1, sampler="student")
+    with pytest.raises(ValueError, match="OnlineReplay.stream must be 'replay' or 'onpolicy'"):
+        OnlineReplay(every_n_steps=1, num_sequences=1, batch_size=1, stream="task")
+    no_prompt = {"input_ids": torch.tensor([[5, 6, 7]]), "labels": torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]])}
+    with pytest.raises(ValueError, match="needs prompt-response task data"):
+        task_prompts(no_prompt)
+    module = CausalLMFineTuner(str(tiny_model_dir), regularizers=[KLToReference(on="onpolicy")])
+    batch = {"task": {"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3, dtype=torch.long)}}
+    with pytest.raises(KeyError, match="OnlineReplay\\(sampler: trainable, prompts: task, stream: onpolicy\\)"):
+        module._logits(batch, {"task", "onpolicy"})
 
 
 def test_summary_reports_average_and_backward_transfer():

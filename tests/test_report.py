@@ -11,7 +11,7 @@ RET, DOWN = "held/bits_per_byte", "task/acc"  # retained lower-is-better, downst
 
 
 def _fit_run(folder: Path, finals: list[tuple[float, float]], replay_nll: list[float], base=(2.0, 0.1),
-             json_history: bool = True) -> None:
+             json_history: bool = True, meter: list[float] | None = None) -> None:
     """A run as RetainedEval + CSVLogger leave it: the start evaluation, then one per epoch."""
     folder.mkdir(parents=True)
     history, rows = [], []
@@ -23,7 +23,8 @@ def _fit_run(folder: Path, finals: list[tuple[float, float]], replay_nll: list[f
         rows.append({k: v for k, v in entry.items() if k != "epoch"})
         if i:
             rows.append({"epoch": i - 1, "step": step - 1, "train/loss": 1.0})
-            rows.append({"epoch": i - 1, "step": step, "val/replay_nll": replay_nll[i - 1]})
+            rows.append({"epoch": i - 1, "step": step, "val/replay_nll": replay_nll[i - 1],
+                         **({"val/replay_kl": meter[i - 1]} if meter else {})})
     if json_history:
         (folder / "retained_eval.json").write_text(json.dumps(history))
     keys = sorted({k for r in rows for k in r})
@@ -145,3 +146,19 @@ def test_an_ablation_named_series_at_value_gets_its_sweep_plot(runs, tmp_path):
     assert s["methods"]["nll@100"]["forgetting_recovered"] > s["methods"]["nll@10"]["forgetting_recovered"]
     plain = report(str(tmp_path / "methods" / "ft"), RET, DOWN, output_dir=str(tmp_path / "p"))
     assert "sweep.png" not in plain["plots"]
+
+
+
+def test_the_forgetting_meter_is_plotted_against_retained_with_its_correlation(runs, tmp_path):
+    # runs that drift further from the base (larger KL) retain less: the meter predicts forgetting
+    for name, kl, ret in (("ft-meter", 0.9, 3.1), ("mid", 0.5, 2.6), ("kl", 0.1, 2.1)):
+        _fit_run(runs / name / "seed0", [(2.5, 0.5), (ret, 0.6)], [2.2, 2.3], meter=[kl / 2, kl])
+    s = report(str(runs), RET, DOWN, output_dir=str(tmp_path / "r"))
+    m = s["meter"]["val/replay_kl"]
+    assert sorted(p[:2] for p in m["points"]) == [[0.1, 2.1], [0.5, 2.6], [0.9, 3.1]]  # the last value
+    assert m["pearson_r"] == pytest.approx(1.0)
+    assert "val/task_kl" not in s["meter"]
+    assert "meter.png" in s["plots"] and (tmp_path / "r" / "meter.png").stat().st_size > 0
+    assert "over 3 runs: Pearson r = 1.00" in (tmp_path / "r" / "results.md").read_text()
+    plain = report(str(runs / "ft"), RET, DOWN, output_dir=str(tmp_path / "p"))
+    assert plain["meter"] == {} and "meter.png" not in plain["plots"]

@@ -1,15 +1,19 @@
-"""Online replay (arXiv 2605.26097): context-free replay regenerated from the frozen model during the fit."""
+"""Online replay (arXiv 2605.26097): context-free replay regenerated from the frozen model during the
+fit; and on-policy samples, the trainable model's own responses to task prompts."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
+from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from ..data import Collator
-from ..sampling import SamplingConfig, sample_context_free
+from ..sampling import SamplingConfig, sample_context_free, sample_continuations
 from ..tokens import IGNORE_INDEX, pad_token_id
 from ..training.regularizers import KLFromCachedTopK
 
@@ -30,25 +34,45 @@ class OnlineReplay(L.Callback):
     seeded by (sampling.seed, r * W + q): a resumed fit draws the same sequences again.
     Sharded strategies (FSDP, FSDP2) are refused: generation from a sharded model needs every rank
     in every step and is not supported here; use cached replay (`cfs generate`) there.
+
+    On-policy samples (`sampler: trainable`, `prompts: task`, `stream: onpolicy`): the pool is
+    the trainable model's own responses, sampled with its current weights, to the prompts of the
+    task batch at the refill step (cycled to `num_sequences`); only the response tokens are
+    targets. With `KLToReference(on: onpolicy, direction: reverse)` the loss is the reverse KL
+    to the frozen base on the model's own samples, i.e. GKD with lambda = 1 and the base as the
+    teacher (configs/toy/methods/on-policy-kl.yaml). `every_n_steps: 1` is strictly on-policy;
+    larger k reuses a pool sampled up to k - 1 steps ago.
     """
 
-    needs_reference = True
-
     def __init__(self, every_n_steps: int, num_sequences: int, batch_size: int,
-                 sampling: SamplingConfig = SamplingConfig(max_new_tokens=128, batch_size=32)) -> None:
+                 sampling: SamplingConfig = SamplingConfig(max_new_tokens=128, batch_size=32),
+                 sampler: Literal["reference", "trainable"] = "reference",
+                 prompts: Literal["start", "task"] = "start", stream: str = "replay") -> None:
         """
         Args:
             every_n_steps: Optimizer steps between regenerations (k).
             num_sequences: Sequences sampled per regeneration (the pool).
-            batch_size: Online replay sequences added to every training step.
+            batch_size: Online sequences added to every training step.
             sampling: How sequences are drawn (temperature 1, no truncation by default).
+            sampler: `reference` (the frozen initial model) or `trainable` (the current weights).
+            prompts: `start` (context-free: the start token alone) or `task` (the prompts of the
+                task batch; only the sampled response tokens are targets).
+            stream: The batch stream the rows join (`replay`, or `onpolicy` for a regularizer
+                with `on: onpolicy`).
         """
         for name, value in (("every_n_steps", every_n_steps), ("num_sequences", num_sequences),
                             ("batch_size", batch_size)):
             if value < 1:
                 raise ValueError(f"OnlineReplay {name} must be >= 1, got {value}")
+        if sampler not in ("reference", "trainable"):
+            raise ValueError(f"OnlineReplay.sampler must be 'reference' or 'trainable', got {sampler!r}")
+        if prompts not in ("start", "task"):
+            raise ValueError(f"OnlineReplay.prompts must be 'start' or 'task', got {prompts!r}")
+        if stream not in ("replay", "onpolicy"):
+            raise ValueError(f"OnlineReplay.stream must be 'replay' or 'onpolicy', got {stream!r}")
         self.every_n_steps, self.num_sequences, self.batch_size = every_n_steps, num_sequences, batch_size
-        self.sampling = sampling
+        self.sampling, self.sampler, self.prompts, self.stream = sampling, sampler, prompts, stream
+        self.needs_reference = sampler == "reference"  # the module builds one at fit start
         self.rounds = 0
         self._pool: list[dict] = []
         self._round: int | None = None
@@ -61,16 +85,40 @@ class OnlineReplay(L.Callback):
                 "OnlineReplay samples from an unsharded frozen model and does not run under FSDP or "
                 "FSDP2; use DDP, or cached replay written by `cfs generate`"
             )
-        if any(isinstance(r, KLFromCachedTopK) for r in pl_module.regularizers):
+        if self.stream == "replay" and any(isinstance(r, KLFromCachedTopK) for r in pl_module.regularizers):
             raise ValueError("OnlineReplay rows carry no cached top-k, which KLFromCachedTopK needs; "
                              "use NLLReplay or KLToReference with online replay")
 
-    def _refill(self, trainer: L.Trainer, pl_module: L.LightningModule, round_index: int) -> None:
+    @contextlib.contextmanager
+    def _sampling_model(self, pl_module: L.LightningModule) -> Iterator[torch.nn.Module]:
+        if self.sampler == "reference":
+            with pl_module.reference.as_causal_lm() as model:
+                yield model
+            return
+        model = pl_module.hf_model  # the weights being trained, LoRA adapters on
+        was_training = model.training
+        model.eval()  # dropout off while sampling
+        try:
+            yield model
+        finally:
+            model.train(was_training)
+
+    def _refill(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, round_index: int) -> None:
         seed = self.sampling.seed * 1_000_003 + round_index * trainer.world_size + trainer.global_rank
         cfg = dataclasses.replace(self.sampling, seed=seed)
-        with pl_module.reference.as_causal_lm() as model:
-            self._pool = [r for batch in sample_context_free(model, pl_module.tokenizer, cfg, self.num_sequences, None)
-                          for r in batch]
+        tok = pl_module.tokenizer
+        with self._sampling_model(pl_module) as model:
+            if self.prompts == "start":
+                self._pool = [r for b in sample_context_free(model, tok, cfg, self.num_sequences, None) for r in b]
+            else:
+                prompts = task_prompts(batch["task"])
+                prompts = [prompts[i % len(prompts)] for i in range(self.num_sequences)]
+                self._pool = []
+                for b, first in enumerate(range(0, len(prompts), cfg.batch_size)):
+                    for rec in sample_continuations(model, tok, cfg, prompts[first:first + cfg.batch_size], b):
+                        n = rec.pop("n_prompt")
+                        rec["labels"] = [IGNORE_INDEX] * n + rec["input_ids"][n:]
+                        self._pool.append(rec)
         self._round = round_index
         self.rounds += 1
 
@@ -78,12 +126,25 @@ class OnlineReplay(L.Callback):
                              batch_idx: int) -> None:
         step = trainer.global_step
         if self._round != step // self.every_n_steps:
-            self._refill(trainer, pl_module, step // self.every_n_steps)
+            self._refill(trainer, pl_module, batch, step // self.every_n_steps)
         first = (step % self.every_n_steps) * self.batch_size
         rows = [self._pool[(first + j) % len(self._pool)] for j in range(self.batch_size)]
         pad = pad_token_id(pl_module.tokenizer)
         online = {k: v.to(pl_module.device) for k, v in Collator(pad)(rows).items()}
-        batch["replay"] = merge_batches(batch["replay"], online, pad) if "replay" in batch else online
+        s = self.stream
+        batch[s] = merge_batches(batch[s], online, pad) if s in batch else online
+
+
+def task_prompts(task: dict[str, torch.Tensor]) -> list[list[int]]:
+    """Each task row's prompt: its tokens before the first response token (the first label)."""
+    prompts = []
+    for ids, labels in zip(task["input_ids"].tolist(), task["labels"].tolist(), strict=True):
+        first = next((t for t, y in enumerate(labels) if y != IGNORE_INDEX), None)
+        if not first:  # no response token, or one at position 0 (never a target)
+            raise ValueError("a task row has no prompt before its response; on-policy sampling "
+                             "needs prompt-response task data (task.prompt and task.response)")
+        prompts.append(ids[:first])
+    return prompts
 
 
 def merge_batches(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:

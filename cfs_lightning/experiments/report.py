@@ -25,7 +25,9 @@ from pathlib import Path
 
 from ..io import atomic_file
 
-CURVES = ("val/replay_nll", "val/task_loss")
+METER = ("val/replay_kl", "val/task_kl")
+"""The forgetting meter, KL(p_base || p_theta) per token at every validation (training/meter.py)."""
+CURVES = ("val/replay_nll", "val/task_loss", *METER)
 _GROUPING = re.compile(r"(seed[_-]?\d+|version_\d+|lightning_logs)")
 
 
@@ -283,6 +285,10 @@ def to_markdown(s: dict) -> str:
                      f"G / G_{s['baseline']}, where F is the retained score's loss since the base model and "
                      f"G the downstream score's improvement over it, against the mean of the "
                      f"{s['baseline']!r} runs: 100% forgetting recovered is no forgetting at all.")
+    for key, m in s.get("meter", {}).items():
+        r = "n/a" if m["pearson_r"] is None else f"{m['pearson_r']:.2f}"
+        lines.append(f"Forgetting meter: `{key}` at the last validation against the final retained "
+                     f"score, over {len(m['points'])} runs: Pearson r = {r} (`meter.png`).")
     return "\n".join(lines) + "\n"
 
 
@@ -394,7 +400,43 @@ def _plots(runs: list[Run], s: dict, out: Path, sweep_label: str | None = None) 
         axes[0][0].legend(fontsize=8)
         fig.tight_layout()
         save(fig, "sweep.png")
+
+    # 5. the forgetting meter: each run's last KL to the base against its final retained score
+    if s["meter"]:
+        fig, axes = plt.subplots(1, len(s["meter"]), figsize=(4.8 * len(s["meter"]), 4), squeeze=False)
+        for ax, (key, m) in zip(axes[0], s["meter"].items()):
+            for name in names:
+                mine = [(x, y) for x, y, n in m["points"] if n == name]
+                if mine:
+                    ax.plot(*zip(*mine), "o", color=colours[name], label=name)
+            r = m["pearson_r"]
+            ax.set_title(f"{key} vs retained ({len(m['points'])} runs, Pearson r = "
+                         f"{'n/a' if r is None else f'{r:.2f}'})", fontsize=9)
+            ax.set_xlabel(f"{key} at the last validation (nats per token)")
+            ax.set_ylabel(f"retained: {ret}")
+        axes[0][0].legend(fontsize=6, ncol=2)
+        save(fig, "meter.png")
     return written
+
+
+def meter_summary(runs: list[Run], retained: str) -> dict[str, dict]:
+    """Per meter key logged by any run: each run's last value beside its final retained score
+    (`points`: [meter, retained, method]) and their Pearson correlation over the runs."""
+    found = {}
+    for key in METER:
+        points = [[run.curves[key][-1][1], run.evals[-1][retained], run.method] for run in runs
+                  if key in run.curves and run.evals and retained in run.evals[-1]]
+        if points:
+            found[key] = {"points": points, "pearson_r": _pearson([p[0] for p in points], [p[1] for p in points])}
+    return found
+
+
+def _pearson(xs: list[float], ys: list[float]) -> float | None:
+    """The correlation of two equally long lists; None for fewer than 3 points or no spread."""
+    try:
+        return statistics.correlation(xs, ys) if len(xs) >= 3 else None
+    except statistics.StatisticsError:  # a constant list
+        return None
 
 
 def report(
@@ -410,10 +452,12 @@ def report(
     """Write the comparison of a set of runs: `results.md`, `results.json` and PNG plots.
 
     Plots: `tradeoff.png` (retained against downstream per method, the base model marked),
-    `curves.png` (retained, downstream, `val/replay_nll` and `val/task_loss` per epoch, mean ± std
-    over seeds), `recovered.png` (forgetting recovered and gain kept per method) and, for an
-    ablation whose methods are named `<series>@<value>` (`nll@25`, `kl@25`), `sweep.png`: both
-    against the value, one line per series.
+    `curves.png` (retained, downstream, `val/replay_nll`, `val/task_loss` and the forgetting
+    meter's `val/replay_kl` and `val/task_kl` per epoch, mean ± std over seeds), `recovered.png`
+    (forgetting recovered and gain kept per method), `meter.png` when the runs logged the meter
+    (each run's last KL to the base against its final retained score, with their correlation)
+    and, for an ablation whose methods are named `<series>@<value>` (`nll@25`, `kl@25`),
+    `sweep.png`: both against the value, one line per series.
 
     Args:
         runs: A run folder, or a folder to search for runs (e.g. a study's `methods/`), or a
@@ -433,6 +477,7 @@ def report(
     for run in loaded:
         run.method = (labels or {}).get(run.method, run.method)
     summary = summarize(loaded, retained, downstream, baseline, higher_is_better or [])
+    summary["meter"] = meter_summary(loaded, retained)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary["plots"] = _plots(loaded, summary, out, sweep_label)

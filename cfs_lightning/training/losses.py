@@ -1,5 +1,5 @@
-"""Token-level losses: the NLL shared by the task loss, replay NLL and validation, and a chunked
-per-position mean for full-vocabulary divergences."""
+"""Token-level losses: the NLL shared by the task loss, replay NLL and validation, the DFT task
+loss, and a chunked per-position mean for full-vocabulary divergences."""
 
 from __future__ import annotations
 
@@ -12,31 +12,60 @@ from torch.utils.checkpoint import checkpoint
 from ..tokens import IGNORE_INDEX
 
 
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token NLL (nats) and the number of target tokens.
+def per_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL (nats) at every position, and the mask of positions that have a target.
 
     Args:
         logits: (B, T, V) next-token logits; half precision is upcast to float32.
         labels: (B, T) token ids, IGNORE_INDEX where no loss is taken. Position t's logits
             predict labels[t + 1], so labels[:, 0] is never a target.
+
+    Returns:
+        (B, T) NLL, 0 where there is no target, and the (B, T) boolean target mask.
     """
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     # Shift the labels, not the logits: logits[:, :-1] is not contiguous, and flattening it
     # would copy the whole (B, T, V) tensor. The last position gets no target instead.
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    total = F.cross_entropy(
+    nll = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
+        ignore_index=IGNORE_INDEX, reduction="none",
     )
-    return total, (targets != IGNORE_INDEX).sum()
+    return nll.view(targets.shape), targets != IGNORE_INDEX
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL (nats) and the number of target tokens (see `per_token_nll`)."""
+    nll, mask = per_token_nll(logits, labels)
+    return nll.sum(), mask.sum()
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (B, T) `values` over the target positions `mask`; refuses a batch with none."""
+    count = mask.sum()
+    if count == 0:
+        raise ValueError("a batch has no target token (every label is IGNORE_INDEX)")
+    return (values * mask).sum() / count
 
 
 def mean_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL over target tokens, in nats per token."""
-    total, count = token_nll(logits, labels)
-    if count == 0:
-        raise ValueError("a batch has no target token (every label is IGNORE_INDEX)")
-    return total / count
+    return masked_mean(*per_token_nll(logits, labels))
+
+
+def dft_weighted(nll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Dynamic Fine-Tuning's loss (arXiv 2508.05629): mean over targets of sg(p) * NLL.
+
+    Each target token's NLL is scaled by the model's own probability of that token,
+    p = exp(-NLL), detached, so the gradient is p * grad(NLL): confident tokens keep their
+    full step, improbable ones are damped. The mean is over target tokens, as TRL's
+    `loss_type="dft"` and LLaMA-Factory's `use_dft_loss` take it.
+
+    Args:
+        nll: (B, T) per-position NLL from `per_token_nll`.
+        mask: (B, T) target positions.
+    """
+    return masked_mean(nll * torch.exp(-nll.detach()), mask)
 
 
 def chunked_target_mean(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -20,13 +21,23 @@ from transformers import AutoTokenizer, PreTrainedModel
 from ..loading import load_causal_lm
 from ..shards import check_model
 from .lora import LoRA, apply_lora, save_merged, unwrap
-from .losses import mean_token_nll, token_nll
+from .losses import dft_weighted, masked_mean, per_token_nll, token_nll
+from .meter import forgetting_kl, meter_source
 from .reference import FrozenReference, resolve_reference_mode
 from .regularizers import NLLReplay, Regularizer
 from .sharding import gathered_copy, is_sharded, shard_fsdp2
 
+TASK_LOSSES = ("nll", "dft")
+"""Task losses `task_loss` selects: the response-masked NLL, or DFT's probability-weighted NLL."""
+
 VAL_KEYS = {"task": "task_loss", "replay": "replay_nll"}
 """Validation log key per stream: `val/task_loss` and `val/replay_nll` (nats per token)."""
+
+METER_KEYS = {"task": "task_kl", "replay": "replay_kl"}
+"""The forgetting meter's key per stream: `val/task_kl`, `val/replay_kl` (KL(p_base || p_theta),
+nats per token; `meter.py`)."""
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -37,8 +48,13 @@ class CausalLMFineTuner(L.LightningModule):
     """Fine-tunes any Hugging Face causal LM on `task_loss + sum_i weight_i * regularizer_i`.
 
     Every training batch is a dict of streams (`task`, and `replay` when the DataModule mixes it
-    in). The task loss is the response-masked NLL; each regularizer's term is logged under
+    in). The task loss is the response-masked NLL (`task_loss: nll`) or DFT's weighting of it
+    (`task_loss: dft`); `train/task_loss` is always the plain NLL, so that runs compare, and the
+    DFT objective is logged as `train/task_dft`. Each regularizer's term is logged under
     `train/reg/<name>`, their weighted sum with the task loss under `train/loss`.
+
+    Validation logs `val/task_loss` and `val/replay_nll`, and, when there is a frozen reference
+    or cached top-k, the forgetting meter `val/task_kl` and `val/replay_kl` (`meter.py`).
 
     The module owns the frozen reference model when a regularizer needs one (`reference`), and
     optionally trains LoRA adapters instead of all weights (`lora`).
@@ -56,6 +72,7 @@ class CausalLMFineTuner(L.LightningModule):
         reference: Literal["auto", "none", "copy", "adapters_disabled"] = "auto",
         lora: LoRA | None = None,
         nonfinite: Literal["stop", "skip"] = "stop",
+        task_loss: Literal["nll", "dft"] = "nll",
     ) -> None:
         """
         Args:
@@ -71,16 +88,25 @@ class CausalLMFineTuner(L.LightningModule):
                 `copy` (a frozen copy of the initial weights), `adapters_disabled` (with LoRA: the
                 same weights, adapters off, no second copy), `none`, or `auto`: none unless a
                 regularizer needs it, then `adapters_disabled` with LoRA and `copy` without.
+                With a reference, every validation also logs the forgetting meter
+                (`val/replay_kl`, `val/task_kl`: `meter.py`); set `copy` on a run without KL
+                terms (plain fine-tuning) to measure it there.
             lora: Train low-rank adapters (peft) instead of all weights; the export then holds
                 the merged model and, under `adapter/`, the adapter alone.
             nonfinite: What a NaN or infinite loss term does: `stop` saves `last.ckpt` (the
                 weights before the step) and raises an error naming the step, the term and its
                 stream; `skip` drops the batch (no update) and counts it in
                 `train/skipped_nonfinite`.
+            task_loss: The loss on the task's response tokens: `nll` (mean NLL) or `dft`
+                (Dynamic Fine-Tuning, arXiv 2508.05629: each token's NLL times its detached
+                probability). ASFT (arXiv 2509.23753) is `dft` plus
+                `KLToReference(on: task)`: configs/toy/methods/asft.yaml.
         """
         super().__init__()
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"model.nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        if task_loss not in TASK_LOSSES:
+            raise ValueError(f"model.task_loss must be one of {TASK_LOSSES}, got {task_loss!r}")
         self.save_hyperparameters(ignore=["regularizers", "optimizer", "lr_scheduler"])
         self.regularizers = list(regularizers or [])
         names = [r.name for r in self.regularizers]
@@ -103,6 +129,9 @@ class CausalLMFineTuner(L.LightningModule):
         self.nonfinite, self.skipped_nonfinite = nonfinite, 0
         self.val_nll = nn.ModuleDict({s: MeanMetric() for s in VAL_KEYS})
         self.test_nll = nn.ModuleDict({s: MeanMetric() for s in VAL_KEYS})
+        self.val_kl = nn.ModuleDict({s: MeanMetric() for s in METER_KEYS})
+        self.test_kl = nn.ModuleDict({s: MeanMetric() for s in METER_KEYS})
+        self._meter_said: set[str] = set()  # what the meter reads, said once per stream
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -114,10 +143,12 @@ class CausalLMFineTuner(L.LightningModule):
         missing = streams - batch.keys()
         if missing:
             users = [r.name for r in self.regularizers if set(r.streams) & missing]
+            fix = ("add the callback that samples it, OnlineReplay(sampler: trainable, prompts: task, "
+                   "stream: onpolicy)" if "onpolicy" in missing else
+                   "give the DataModule replay shards (data.replay.dir) and data.replay_ratio > 0")
             raise KeyError(
                 f"regularizers {users} need the {sorted(missing)} stream, but the batch has only "
-                f"{sorted(batch)}: give the DataModule replay shards (data.replay.dir) and "
-                "data.replay_ratio > 0"
+                f"{sorted(batch)}: {fix}"
             )
         return {s: self(batch[s]["input_ids"], batch[s]["attention_mask"]) for s in streams}
 
@@ -169,6 +200,10 @@ class CausalLMFineTuner(L.LightningModule):
         return mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
 
     def on_fit_start(self) -> None:
+        # A `trainer.validate` before the fit left the metrics' states as inference tensors,
+        # which the fit's validation (no_grad, not inference mode) cannot update in place.
+        for metric in (*self.val_nll.values(), *self.val_kl.values()):
+            metric.reset()
         if self.reference is not None:
             dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
             self.reference.to(self.device, dtype)
@@ -177,9 +212,12 @@ class CausalLMFineTuner(L.LightningModule):
         terms = [r for r in self.regularizers if r.adds_term]
         streams = {"task"}.union(*(r.streams for r in terms))
         outputs = self._logits(batch, streams)
-        task_loss = mean_token_nll(outputs["task"], batch["task"]["labels"])
-        logs, loss = {"train/task_loss": task_loss}, task_loss
+        nll, mask = per_token_nll(outputs["task"], batch["task"]["labels"])
+        logs = {"train/task_loss": masked_mean(nll, mask)}
         sources = {"train/task_loss": ("task",)}
+        if self.hparams.task_loss == "dft":
+            logs["train/task_dft"], sources["train/task_dft"] = dft_weighted(nll, mask), ("task",)
+        loss = logs["train/task_dft" if self.hparams.task_loss == "dft" else "train/task_loss"]
         for reg in terms:
             term = reg(batch, outputs)
             logs[f"train/reg/{reg.name}"], sources[f"train/reg/{reg.name}"] = term, reg.streams
@@ -280,17 +318,38 @@ class CausalLMFineTuner(L.LightningModule):
             model.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
 
-    def _eval_step(self, batch: dict, metrics: nn.ModuleDict, prefix: str) -> None:
+    def _eval_step(self, batch: dict, nll: nn.ModuleDict, kl: nn.ModuleDict, prefix: str) -> None:
         ((stream, b),) = batch.items()
-        total, count = token_nll(self(b["input_ids"], b["attention_mask"]), b["labels"])
-        metrics[stream].update(total / count, weight=count)  # token-weighted over the epoch
-        self.log(f"{prefix}/{VAL_KEYS[stream]}", metrics[stream], add_dataloader_idx=False)
+        logits = self(b["input_ids"], b["attention_mask"])
+        total, count = token_nll(logits, b["labels"])
+        nll[stream].update(total / count, weight=count)  # token-weighted over the epoch
+        self.log(f"{prefix}/{VAL_KEYS[stream]}", nll[stream], add_dataloader_idx=False)
+        self._say_meter_source(stream, b)
+        divergence = forgetting_kl(logits, b, self.reference)
+        if divergence is not None:
+            kl[stream].update(divergence, weight=count)
+            self.log(f"{prefix}/{METER_KEYS[stream]}", kl[stream], add_dataloader_idx=False)
+
+    def _say_meter_source(self, stream: str, batch: dict) -> None:
+        """Log once per stream what the forgetting meter reads, or why it is off."""
+        if stream in self._meter_said:
+            return
+        self._meter_said.add(stream)
+        key, source = f"val/{METER_KEYS[stream]}", meter_source(self.reference, batch)
+        if source == "reference":
+            log.info("%s: exact KL(p_base || p_theta) to the frozen reference, full vocabulary", key)
+        elif source == "topk":
+            log.info("%s: KL(p_base || p_theta) coarsened to the replay shards' cached top-%d tokens "
+                     "plus one tail bucket (a lower bound of the exact KL)", key, batch["topk_ids"].size(-1))
+        else:
+            log.info("%s is off: no frozen reference%s; set model.reference=copy to measure it", key,
+                     " and no cached top-k in the replay shards" if stream == "replay" else "")
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, self.val_nll, "val")
+        self._eval_step(batch, self.val_nll, self.val_kl, "val")
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, self.test_nll, "test")
+        self._eval_step(batch, self.test_nll, self.test_kl, "test")
 
     def configure_optimizers(self):
         params = [p for p in self.trainer.model.parameters() if p.requires_grad]

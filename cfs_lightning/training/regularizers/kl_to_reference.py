@@ -88,7 +88,8 @@ class KLToReference(Regularizer):
     """Mean per-token divergence between the frozen reference and the trainable model.
 
     On replay sequences (`on="replay"`) every non-padding next-token position counts; on task
-    data (`on="task"`) only the response positions (those with a label). See `token_divergence`
+    data (`on="task"`) and on on-policy samples (`on="onpolicy"`) only the response positions
+    (those with a label). See `token_divergence`
     for `direction`, `beta` and `temperature`. Needs the module's frozen reference (built
     automatically: a frozen copy, or the LoRA model with adapters off).
 
@@ -106,7 +107,7 @@ class KLToReference(Regularizer):
     def __init__(
         self,
         weight: float = 1.0,
-        on: Literal["replay", "task"] = "replay",
+        on: Literal["replay", "task", "onpolicy"] = "replay",
         direction: Literal["forward", "reverse"] = "forward",
         beta: float | None = None,
         temperature: float = 1.0,
@@ -116,8 +117,10 @@ class KLToReference(Regularizer):
         """
         Args:
             weight: Multiplier of this term in the loss.
-            on: Batch stream to compare on: `replay` (all tokens) or `task` (response tokens).
-                Quote the key in YAML (`"on": task`): YAML 1.1 reads a bare `on` as true.
+            on: Batch stream to compare on: `replay` (all tokens), `task` (response tokens) or
+                `onpolicy` (the responses `OnlineReplay(sampler: trainable, prompts: task,
+                stream: onpolicy)` samples from the current weights). Quote the key in YAML
+                (`"on": task`): YAML 1.1 reads a bare `on` as true.
             direction: `forward` = KL(p_ref || p_theta), `reverse` = KL(p_theta || p_ref).
             beta: Generalised JSD interpolation in [0, 1] (TRL GKD convention); overrides
                 `direction`, so leave that at `forward` when setting it.
@@ -126,8 +129,8 @@ class KLToReference(Regularizer):
             name: Log key suffix; default `kl_to_reference`.
         """
         super().__init__(weight, name)
-        if on not in ("replay", "task"):
-            raise ValueError(f"KLToReference.on must be 'replay' or 'task', got {on!r}")
+        if on not in ("replay", "task", "onpolicy"):
+            raise ValueError(f"KLToReference.on must be 'replay', 'task' or 'onpolicy', got {on!r}")
         if direction not in ("forward", "reverse"):
             raise ValueError(f"KLToReference.direction must be 'forward' or 'reverse', got {direction!r}")
         if beta is not None and not 0 <= beta <= 1:

@@ -1,0 +1,67 @@
+"""The task losses (`model.task_loss`): the NLL and DFT's weighting of it, against float64 by hand."""
+
+import math
+
+import pytest
+import torch
+
+from cfs_lightning.tokens import IGNORE_INDEX
+from cfs_lightning.training import CausalLMFineTuner
+from cfs_lightning.training.losses import dft_weighted, masked_mean, mean_token_nll, per_token_nll
+
+V = 7
+
+
+def _case(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(3, 6, V, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    labels = torch.randint(0, V, (3, 6), generator=g)
+    labels[0, 3:] = IGNORE_INDEX  # padding after a short response
+    labels[2, :3] = IGNORE_INDEX  # a prompt that takes no loss
+    return logits, labels
+
+
+def _by_hand(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+    """Mean NLL, mean p * NLL and the gradient of the DFT loss with p held constant."""
+    nlls, weighted, grad = [], [], torch.zeros_like(logits)
+    for b in range(labels.size(0)):
+        for t in range(labels.size(1) - 1):  # position t predicts labels[t + 1]
+            y = int(labels[b, t + 1])
+            if y == IGNORE_INDEX:
+                continue
+            p = logits[b, t].detach().softmax(-1)
+            nlls.append(-math.log(p[y]))
+            weighted.append(-p[y].item() * math.log(p[y]))
+            onehot = torch.zeros(V, dtype=torch.float64)
+            onehot[y] = 1.0
+            grad[b, t] = p[y] * (p - onehot)  # sg(p_y) * d(-log p_y)/d logits
+    n = len(nlls)
+    return sum(nlls) / n, sum(weighted) / n, grad / n
+
+
+def test_dft_weights_each_token_nll_by_its_detached_probability():
+    logits, labels = _case()
+    nll, mask = per_token_nll(logits, labels)
+    dft = dft_weighted(nll, mask)
+    (grad,) = torch.autograd.grad(dft, logits)
+    mean_nll, mean_dft, hand_grad = _by_hand(logits, labels)
+    assert masked_mean(nll, mask).item() == pytest.approx(mean_nll, rel=1e-12)
+    assert mean_token_nll(logits, labels).item() == pytest.approx(mean_nll, rel=1e-12)
+    assert dft.item() == pytest.approx(mean_dft, rel=1e-12)
+    torch.testing.assert_close(grad, hand_grad, rtol=1e-10, atol=1e-12)
+    # had the weight not been detached, the gradient would be that of -p log p, which differs
+    nll2, _ = per_token_nll(logits, labels)
+    (undetached,) = torch.autograd.grad(masked_mean(nll2 * torch.exp(-nll2), mask), logits)
+    assert not torch.allclose(grad, undetached)
+
+
+def test_dft_and_nll_refuse_a_batch_without_targets():
+    logits, labels = _case()
+    nll, mask = per_token_nll(logits, torch.full_like(labels, IGNORE_INDEX))
+    with pytest.raises(ValueError, match="no target token"):
+        dft_weighted(nll, mask)
+
+
+def test_unknown_task_loss_is_refused_with_the_choices(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"model.task_loss must be one of \('nll', 'dft'\), got 'focal'"):
+        CausalLMFineTuner(str(tiny_model_dir), task_loss="focal")
