@@ -15,7 +15,7 @@ from .conftest import REPO, write_jsonl
 FIT_CONFIGS = ["configs/toy/base/pretrain.yaml", "configs/toy/base/finetune.yaml",
                "configs/toy2/base/pretrain.yaml", "configs/toy2/base/finetune.yaml"]
 METHODS = ["ft", "cfs-nll", "cfs-kl", "cfs-kl-topk", "l2", "ema", "lora", "lora+cfs", "cs", "real-replay",
-           "self-dialogue", "online", "self-output", "rephrase", "stm", "dft", "asft", "on-policy-kl"]
+           "self-dialogue", "online", "self-output", "rephrase", "stm", "dft", "asft", "on-policy-kl", "sdft"]
 OVERLAYS = {f"configs/toy/methods/{m}.yaml": "configs/toy/base/finetune.yaml" for m in METHODS}
 STRATEGY_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/strategies").glob("*.yaml"))
 PAPER_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/paper").glob("*.yaml"))
@@ -103,14 +103,19 @@ EXPECTED_TERMS = {"ft": set(), "cfs-nll": {"nll_replay"}, "cfs-kl": {"kl_to_refe
                   "cfs-kl-topk": {"kl_from_cached_top_k"}, "l2": {"l2_to_init"}, "ema": set(),
                   "lora": set(), "lora+cfs": {"nll_replay"}, "cs": {"nll_replay"}, "real-replay": {"nll_replay"},
                   "self-output": set(), "rephrase": set(), "stm": set(), "dft": set(),
-                  "asft": {"kl_to_reference"}, "on-policy-kl": {"kl_to_reference"}}
-SAMPLERS = {  # online.yaml's and on-policy-kl.yaml's callbacks, at test size
+                  "asft": {"kl_to_reference"}, "on-policy-kl": {"kl_to_reference"},
+                  "sdft": {"self_distillation"}}
+SAMPLERS = {  # online.yaml's, on-policy-kl.yaml's and sdft.yaml's callbacks, at test size
     "online": {"class_path": "cfs_lightning.callbacks.OnlineReplay",
                "init_args": {"every_n_steps": 1, "num_sequences": 4, "batch_size": 2, "sampling": {"max_new_tokens": 8}}},
     "on-policy-kl": {"class_path": "cfs_lightning.callbacks.OnlineReplay",
                      "init_args": {"every_n_steps": 1, "num_sequences": 4, "batch_size": 2,
                                    "sampling": {"max_new_tokens": 8}, "sampler": "trainable", "prompts": "task",
-                                   "stream": "onpolicy"}}}
+                                   "stream": "onpolicy"}},
+    "sdft": {"class_path": "cfs_lightning.callbacks.OnlineReplay",
+             "init_args": {"every_n_steps": 1, "num_sequences": 4, "batch_size": 2,
+                           "sampling": {"max_new_tokens": 8}, "sampler": "trainable", "prompts": "task",
+                           "stream": "onpolicy", "demonstrations": True}}}
 
 
 @pytest.mark.parametrize("method", [None] + METHODS)
@@ -142,7 +147,7 @@ def test_finetune_configs_fast_dev_run(method, tmp_path, monkeypatch, tiny_model
     # the forgetting meter: replay KL from the reference or else the shards' cached top-8; the
     # task KL needs the reference (the KL methods, and online replay, which samples from it)
     assert "val/replay_kl" in metrics and metrics["val/replay_kl"] >= 0
-    assert ("val/task_kl" in metrics) == (method in ("cfs-kl", "asft", "online", "on-policy-kl"))
+    assert ("val/task_kl" in metrics) == (method in ("cfs-kl", "asft", "online", "on-policy-kl", "sdft"))
     if method and method.startswith("lora"):
         assert (tmp_path / "hf" / "adapter" / "adapter_config.json").is_file()
     assert "eval/gsm8k_answers/bits_per_byte" in metrics

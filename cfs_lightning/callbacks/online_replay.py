@@ -42,12 +42,19 @@ class OnlineReplay(L.Callback):
     to the frozen base on the model's own samples, i.e. GKD with lambda = 1 and the base as the
     teacher (configs/toy/methods/on-policy-kl.yaml). `every_n_steps: 1` is strictly on-policy;
     larger k reuses a pool sampled up to k - 1 steps ago.
+
+    With `demonstrations: true` (on-policy rows only) each row also carries the teacher's view
+    for self-distillation (`SelfDistillation`, SDFT): the task example the prompt came from
+    (its prompt and reference response, as the task data gives them), the `separator`, then
+    the row itself (a leading BOS dropped); only the sampled response tokens are targets. These
+    rows are the batch's `onpolicy_teacher` stream, aligned with `onpolicy` row by row.
     """
 
     def __init__(self, every_n_steps: int, num_sequences: int, batch_size: int,
                  sampling: SamplingConfig = SamplingConfig(max_new_tokens=128, batch_size=32),
                  sampler: Literal["reference", "trainable"] = "reference",
-                 prompts: Literal["start", "task"] = "start", stream: str = "replay") -> None:
+                 prompts: Literal["start", "task"] = "start", stream: str = "replay",
+                 demonstrations: bool = False, separator: str = "\n\n") -> None:
         """
         Args:
             every_n_steps: Optimizer steps between regenerations (k).
@@ -59,6 +66,9 @@ class OnlineReplay(L.Callback):
                 task batch; only the sampled response tokens are targets).
             stream: The batch stream the rows join (`replay`, or `onpolicy` for a regularizer
                 with `on: onpolicy`).
+            demonstrations: Also give each on-policy row its teacher's view, the task example
+                in context before it (stream `onpolicy_teacher`, for `SelfDistillation`).
+            separator: Text between the demonstration and the row in the teacher's view.
         """
         for name, value in (("every_n_steps", every_n_steps), ("num_sequences", num_sequences),
                             ("batch_size", batch_size)):
@@ -72,6 +82,11 @@ class OnlineReplay(L.Callback):
             raise ValueError(f"OnlineReplay.stream must be 'replay' or 'onpolicy', got {stream!r}")
         self.every_n_steps, self.num_sequences, self.batch_size = every_n_steps, num_sequences, batch_size
         self.sampling, self.sampler, self.prompts, self.stream = sampling, sampler, prompts, stream
+        if demonstrations and (stream, prompts) != ("onpolicy", "task"):
+            raise ValueError("OnlineReplay.demonstrations needs prompts: task and stream: onpolicy "
+                             f"(the teacher sees the task example its row was prompted from), got "
+                             f"prompts: {prompts}, stream: {stream}")
+        self.demonstrations, self.separator = demonstrations, separator
         self.needs_reference = sampler == "reference"  # the module builds one at fit start
         self.rounds = 0
         self._pool: list[dict] = []
@@ -112,12 +127,19 @@ class OnlineReplay(L.Callback):
                 self._pool = [r for b in sample_context_free(model, tok, cfg, self.num_sequences, None) for r in b]
             else:
                 prompts = task_prompts(batch["task"])
-                prompts = [prompts[i % len(prompts)] for i in range(self.num_sequences)]
+                rows = [i % len(prompts) for i in range(self.num_sequences)]
+                examples = [ids[m.bool()].tolist() for ids, m in
+                            zip(batch["task"]["input_ids"], batch["task"]["attention_mask"], strict=True)]
+                sep = tok(self.separator, add_special_tokens=False)["input_ids"] if self.separator else []
                 self._pool = []
-                for b, first in enumerate(range(0, len(prompts), cfg.batch_size)):
-                    for rec in sample_continuations(model, tok, cfg, prompts[first:first + cfg.batch_size], b):
+                for b, first in enumerate(range(0, len(rows), cfg.batch_size)):
+                    chunk = rows[first:first + cfg.batch_size]
+                    samples = sample_continuations(model, tok, cfg, [prompts[i] for i in chunk], b)
+                    for i, rec in zip(chunk, samples, strict=True):
                         n = rec.pop("n_prompt")
                         rec["labels"] = [IGNORE_INDEX] * n + rec["input_ids"][n:]
+                        if self.demonstrations:
+                            rec.update(teacher_view(examples[i] + sep, rec["input_ids"], n, tok.bos_token_id))
                         self._pool.append(rec)
         self._round = round_index
         self.rounds += 1
@@ -133,6 +155,20 @@ class OnlineReplay(L.Callback):
         online = {k: v.to(pl_module.device) for k, v in Collator(pad)(rows).items()}
         s = self.stream
         batch[s] = merge_batches(batch[s], online, pad) if s in batch else online
+        if self.demonstrations:
+            view = [{"input_ids": r["teacher_input_ids"], "labels": r["teacher_labels"]} for r in rows]
+            batch[f"{s}_teacher"] = {k: v.to(pl_module.device) for k, v in Collator(pad)(view).items()}
+
+
+def teacher_view(context: list[int], ids: list[int], n_prompt: int, bos_id: int | None) -> dict[str, list[int]]:
+    """The teacher's row for self-distillation: `context` (a demonstration and separator), then
+    the student's row `ids` (prompt of `n_prompt` tokens, then the response) without a leading
+    BOS; only the response tokens are targets."""
+    drop = 1 if bos_id is not None and ids and ids[0] == bos_id else 0
+    prefix = context + ids[drop:n_prompt]
+    response = ids[n_prompt:]
+    return {"teacher_input_ids": prefix + response,
+            "teacher_labels": [IGNORE_INDEX] * len(prefix) + response}
 
 
 def task_prompts(task: dict[str, torch.Tensor]) -> list[list[int]]:

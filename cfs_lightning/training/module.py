@@ -27,7 +27,7 @@ from .reference import FrozenReference, resolve_reference_mode
 from .regularizers import NLLReplay, Regularizer
 from .sharding import gathered_copy, is_sharded, shard_fsdp2
 
-TASK_LOSSES = ("nll", "dft")
+TASK_LOSSES = ("nll", "dft", "none")
 """Task losses `task_loss` selects: the response-masked NLL, or DFT's probability-weighted NLL."""
 
 VAL_KEYS = {"task": "task_loss", "replay": "replay_nll"}
@@ -72,7 +72,7 @@ class CausalLMFineTuner(L.LightningModule):
         reference: Literal["auto", "none", "copy", "adapters_disabled"] = "auto",
         lora: LoRA | None = None,
         nonfinite: Literal["stop", "skip"] = "stop",
-        task_loss: Literal["nll", "dft"] = "nll",
+        task_loss: Literal["nll", "dft", "none"] = "nll",
     ) -> None:
         """
         Args:
@@ -100,13 +100,19 @@ class CausalLMFineTuner(L.LightningModule):
             task_loss: The loss on the task's response tokens: `nll` (mean NLL) or `dft`
                 (Dynamic Fine-Tuning, arXiv 2508.05629: each token's NLL times its detached
                 probability). ASFT (arXiv 2509.23753) is `dft` plus
-                `KLToReference(on: task)`: configs/toy/methods/asft.yaml.
+                `KLToReference(on: task)`: configs/toy/methods/asft.yaml. `none`: the task
+                batch is only a source of prompts and the regularizers are the whole loss
+                (SDFT, `SelfDistillation`: configs/toy/methods/sdft.yaml); `train/task_loss` is
+                still logged, computed without a gradient.
         """
         super().__init__()
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"model.nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         if task_loss not in TASK_LOSSES:
             raise ValueError(f"model.task_loss must be one of {TASK_LOSSES}, got {task_loss!r}")
+        if task_loss == "none" and not any(r.adds_term for r in regularizers or []):
+            raise ValueError("model.task_loss=none leaves no loss without a regularizer that adds a term "
+                             "(e.g. SelfDistillation); add one, or use task_loss nll or dft")
         self.save_hyperparameters(ignore=["regularizers", "optimizer", "lr_scheduler"])
         self.regularizers = list(regularizers or [])
         names = [r.name for r in self.regularizers]
@@ -210,14 +216,18 @@ class CausalLMFineTuner(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         terms = [r for r in self.regularizers if r.adds_term]
-        streams = {"task"}.union(*(r.streams for r in terms))
-        outputs = self._logits(batch, streams)
+        trained = self.hparams.task_loss != "none"
+        outputs = self._logits(batch, ({"task"} if trained else set()).union(*(r.streams for r in terms)))
+        if "task" not in outputs:  # task_loss none: the task NLL is only logged
+            with torch.no_grad():
+                outputs["task"] = self._logits(batch, {"task"})["task"]
         nll, mask = per_token_nll(outputs["task"], batch["task"]["labels"])
         logs = {"train/task_loss": masked_mean(nll, mask)}
         sources = {"train/task_loss": ("task",)}
         if self.hparams.task_loss == "dft":
             logs["train/task_dft"], sources["train/task_dft"] = dft_weighted(nll, mask), ("task",)
-        loss = logs["train/task_dft" if self.hparams.task_loss == "dft" else "train/task_loss"]
+        loss = (logs["train/task_dft"] if self.hparams.task_loss == "dft" else
+                logs["train/task_loss"] if trained else 0.0)
         for reg in terms:
             term = reg(batch, outputs)
             logs[f"train/reg/{reg.name}"], sources[f"train/reg/{reg.name}"] = term, reg.streams

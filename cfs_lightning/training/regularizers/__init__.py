@@ -6,6 +6,7 @@ from .kl_cached_topk import KLFromCachedTopK, topk_forward_kl
 from .kl_to_reference import KLToReference, token_divergence
 from .l2_to_init import L2ToInit
 from .nll_replay import NLLReplay
+from .self_distillation import SelfDistillation
 
 __all__ = ["EMA", "KLFromCachedTopK", "KLToReference", "L2ToInit", "NLLReplay", "Regularizer",
-           "token_divergence", "topk_forward_kl"]
+           "SelfDistillation", "token_divergence", "topk_forward_kl"]
