@@ -63,5 +63,5 @@ def test_dft_and_nll_refuse_a_batch_without_targets():
 
 
 def test_unknown_task_loss_is_refused_with_the_choices(tiny_model_dir):
-    with pytest.raises(ValueError, match=r"model.task_loss must be one of \('nll', 'dft'\), got 'focal'"):
+    with pytest.raises(ValueError, match=r"model.task_loss must be one of \('nll', 'dft', 'none'\), got 'focal'"):
         CausalLMFineTuner(str(tiny_model_dir), task_loss="focal")

@@ -48,10 +48,11 @@ def forgetting_kl(
         return None
     if source == "topk":
         return chunked_target_mean(topk_forward_kl, batch["labels"], logits, batch["topk_ids"],
-                                   batch["topk_logprobs"], chunk_size=chunk_size)
+                                   batch["topk_logprobs"], chunk_size=chunk_size).clamp_min(0)
     hidden = reference.hidden_states(batch["input_ids"], batch["attention_mask"])
 
     def per_token(chunk_logits: torch.Tensor, chunk_hidden: torch.Tensor) -> torch.Tensor:
         return token_divergence(chunk_logits, reference.logits(chunk_hidden), "forward")
 
-    return chunked_target_mean(per_token, batch["labels"], logits, hidden, chunk_size=chunk_size)
+    # a KL is >= 0 (both paths); an unmoved model's rounds to about -1e-9
+    return chunked_target_mean(per_token, batch["labels"], logits, hidden, chunk_size=chunk_size).clamp_min(0)
