@@ -128,9 +128,10 @@ class OnlineReplay(L.Callback):
             else:
                 prompts = task_prompts(batch["task"])
                 rows = [i % len(prompts) for i in range(self.num_sequences)]
-                examples = [ids[m.bool()].tolist() for ids, m in
-                            zip(batch["task"]["input_ids"], batch["task"]["attention_mask"], strict=True)]
-                sep = tok(self.separator, add_special_tokens=False)["input_ids"] if self.separator else []
+                if self.demonstrations:  # the teacher's context: each row's own task example
+                    sep = tok(self.separator, add_special_tokens=False)["input_ids"] if self.separator else []
+                    examples = [ids[m.bool()].tolist() + sep for ids, m in
+                                zip(batch["task"]["input_ids"], batch["task"]["attention_mask"], strict=True)]
                 self._pool = []
                 for b, first in enumerate(range(0, len(rows), cfg.batch_size)):
                     chunk = rows[first:first + cfg.batch_size]
@@ -139,7 +140,7 @@ class OnlineReplay(L.Callback):
                         n = rec.pop("n_prompt")
                         rec["labels"] = [IGNORE_INDEX] * n + rec["input_ids"][n:]
                         if self.demonstrations:
-                            rec.update(teacher_view(examples[i] + sep, rec["input_ids"], n, tok.bos_token_id))
+                            rec.update(teacher_view(examples[i], rec["input_ids"], n, tok.bos_token_id))
                         self._pool.append(rec)
         self._round = round_index
         self.rounds += 1

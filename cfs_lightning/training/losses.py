@@ -12,6 +12,12 @@ from torch.utils.checkpoint import checkpoint
 from ..tokens import IGNORE_INDEX
 
 
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask of the positions whose next token is a target: position t predicts
+    labels[:, t + 1], so the last position predicts nothing."""
+    return F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
+
+
 def per_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token NLL (nats) at every position, and the mask of positions that have a target.
 
@@ -31,7 +37,7 @@ def per_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
         logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
         ignore_index=IGNORE_INDEX, reduction="none",
     )
-    return nll.view(targets.shape), targets != IGNORE_INDEX
+    return nll.view(targets.shape), target_positions(labels)
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,8 +7,7 @@ from typing import Literal
 
 import torch
 
-from ...tokens import IGNORE_INDEX
-from ..losses import chunked_target_mean
+from ..losses import chunked_target_mean, target_positions
 from .base import Regularizer
 from .kl_to_reference import token_divergence
 
@@ -16,14 +15,9 @@ TEACHERS = ("base", "live")
 
 
 def response_positions(labels: torch.Tensor, skip: int = 0) -> torch.Tensor:
-    """(B, T) mask of the positions whose next token is a target, less each row's first `skip`.
-
-    Position t predicts labels[:, t + 1]; the last position predicts nothing.
-    """
-    valid = labels[:, 1:] != IGNORE_INDEX
-    if skip:
-        valid = valid & (valid.cumsum(1) > skip)
-    return torch.nn.functional.pad(valid, (0, 1), value=False)
+    """(B, T) `target_positions` less each row's first `skip`."""
+    valid = target_positions(labels)
+    return valid & (valid.cumsum(1) > skip) if skip else valid
 
 
 class SelfDistillation(Regularizer):
