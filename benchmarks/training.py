@@ -7,8 +7,10 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import torch
 from harness import (FixedBatches, Setting, StepTimer, figure, free, interleaved, ratios, parameter_counts,
                      peak_memory, trainer)
@@ -17,40 +19,89 @@ from cfs_lightning.data import ReplayConfig, ReplayDataModule
 from cfs_lightning.tasks import TaskSource
 from cfs_lightning.training.lora import LoRA
 from cfs_lightning.training import CausalLMFineTuner
-from cfs_lightning.training.regularizers import EMA, KLFromCachedTopK, KLToReference, L2ToInit, NLLReplay
+from cfs_lightning.callbacks import OnlineReplay
+from cfs_lightning.sampling import SamplingConfig
+from cfs_lightning.training.regularizers import (EMA, KLFromCachedTopK, KLToReference, L2ToInit, NLLReplay,
+                                                SelfDistillation)
 
-ARMS = {  # name -> (regularizers, replay stream in the batch)
-    "plain FT": (list, False),
-    "NLLReplay": (lambda: [NLLReplay()], True),
-    "KLToReference": (lambda: [KLToReference()], True),
-    "KLFromCachedTopK": (lambda: [KLFromCachedTopK()], True),
-    "L2ToInit": (lambda: [L2ToInit()], False),
-    "EMA": (lambda: [EMA()], False),
+ON_POLICY_EVERY = 4  # steps between samplings, as in configs/toy/methods/on-policy-kl.yaml and sdft.yaml
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way of training: its regularizers, whether the batch carries cached replay, the task
+    loss, and whether the trainable model samples on-policy rows (with the teacher's view)."""
+
+    regularizers: Callable[[], list] = list
+    replay: bool = False
+    task_loss: str = "nll"
+    onpolicy: bool = False
+    demonstrations: bool = False
+
+
+ARMS = {
+    "plain FT": Arm(),
+    "NLLReplay": Arm(lambda: [NLLReplay()], replay=True),
+    "KLToReference": Arm(lambda: [KLToReference()], replay=True),
+    "KLFromCachedTopK": Arm(lambda: [KLFromCachedTopK()], replay=True),
+    "L2ToInit": Arm(lambda: [L2ToInit()]),
+    "EMA": Arm(lambda: [EMA()]),
+    "DFT": Arm(task_loss="dft"),
+    "ASFT": Arm(lambda: [KLToReference(weight=0.1, on="task", direction="forward")], task_loss="dft"),
+    "on-policy KL": Arm(lambda: [KLToReference(on="onpolicy", direction="reverse")], onpolicy=True),
+    "SDFT": Arm(lambda: [SelfDistillation()], task_loss="none", onpolicy=True, demonstrations=True),
 }
 GSM8K = Path(__file__).resolve().parent.parent / "data" / "gsm8k" / "train.jsonl"
 
 
 def fit_once(setting: Setting, model_dir: Path, regularizers: list, batch: dict, steps: int,
-             lora: LoRA | None = None) -> list[float]:
-    """Seconds per training step of a fresh module, warm-up steps left out."""
-    module = CausalLMFineTuner(str(model_dir), regularizers=regularizers, lora=lora)
+             lora: LoRA | None = None, task_loss: str = "nll", callbacks: tuple[L.Callback, ...] = (),
+             warmup: int | None = None) -> list[float]:
+    """Seconds per training step of a fresh module, the first `warmup` (default: the setting's)
+    left out. The timer runs first, so a step's time includes the callbacks' work at its start
+    (on-policy sampling)."""
+    module = CausalLMFineTuner(str(model_dir), regularizers=regularizers, lora=lora, task_loss=task_loss)
     timer = StepTimer(setting)
-    trainer(setting, steps, [timer]).fit(module, datamodule=FixedBatches(batch, steps))
+    trainer(setting, steps, [timer, *callbacks]).fit(module, datamodule=FixedBatches(batch, steps))
     del module
     free()
-    return timer.times[setting.warmup:]
+    return timer.times[setting.warmup if warmup is None else warmup:]
+
+
+def _round_up(steps: int) -> int:
+    return -(-steps // ON_POLICY_EVERY) * ON_POLICY_EVERY
+
+
+def on_policy_sampler(setting: Setting, demonstrations: bool) -> OnlineReplay:
+    """On-policy rows as the toy configs draw them: every 4 steps the trainable model samples a
+    response to each task prompt, a quarter of the task batch joining each step; responses run to
+    the task rows' length (`task_batch`'s prompt is a quarter of the row)."""
+    per_step = max(1, setting.batch_size // 4)
+    pool = per_step * ON_POLICY_EVERY
+    prompt = setting.seq_len // 4
+    return OnlineReplay(every_n_steps=ON_POLICY_EVERY, num_sequences=pool, batch_size=per_step,
+                        sampling=SamplingConfig(max_new_tokens=setting.seq_len - prompt, batch_size=pool, seed=0),
+                        sampler="trainable", prompts="task", stream="onpolicy", demonstrations=demonstrations)
 
 
 def step_times(setting: Setting, model_dir: Path, both: dict[str, dict],
                extra: dict[str, Callable[[int], float]]) -> dict[str, list[float]]:
-    """Median step time of each arm (and of `extra` ones), per repetition, the arms interleaved."""
-    steps = setting.warmup + setting.steps
+    """Step time of each arm (and of `extra` ones), per repetition, the arms interleaved: the
+    median over a fit's timed steps; for on-policy arms the mean over whole sampling rounds (warm-up
+    and timed steps rounded up to rounds), so the sampling step's cost is spread over its round."""
     task_only = {"task": both["task"]}
 
     def arm(name: str):
-        make, with_replay = ARMS[name]
-        return lambda rep: statistics.median(
-            fit_once(setting, model_dir, make(), both if with_replay else task_only, steps))
+        spec = ARMS[name]
+        batch = both if spec.replay else task_only
+        if not spec.onpolicy:
+            steps = setting.warmup + setting.steps
+            return lambda rep: statistics.median(
+                fit_once(setting, model_dir, spec.regularizers(), batch, steps, task_loss=spec.task_loss))
+        warmup = _round_up(setting.warmup)
+        return lambda rep: statistics.mean(fit_once(
+            setting, model_dir, spec.regularizers(), batch, warmup + _round_up(setting.steps),
+            task_loss=spec.task_loss, callbacks=(on_policy_sampler(setting, spec.demonstrations),), warmup=warmup))
 
     return interleaved({**{name: arm(name) for name in ARMS}, **extra}, setting.repeats)
 
@@ -66,6 +117,13 @@ def step_figures(setting: Setting, times: dict[str, list[float]]) -> list[dict]:
                1.05, "<="),
         figure("step time: L2ToInit / plain FT", ratios(times, "L2ToInit", "plain FT"), 1.03, "<="),
         figure("step time: EMA / plain FT", ratios(times, "EMA", "plain FT"), 1.03, "<="),
+        figure("step time: DFT task loss / plain FT", ratios(times, "DFT", "plain FT"), 1.05, "<="),
+        figure("step time: ASFT (DFT + task KL to a frozen copy) / plain FT", ratios(times, "ASFT", "plain FT"),
+               1.05 * (1 + 1 / 3), "<="),
+        figure(f"step time: on-policy KL (sampling every {ON_POLICY_EVERY} steps) / plain FT",
+               ratios(times, "on-policy KL", "plain FT"), None, "<="),
+        figure(f"step time: SDFT (sampling every {ON_POLICY_EVERY} steps) / plain FT",
+               ratios(times, "SDFT", "plain FT"), None, "<="),
     ]
 
 
