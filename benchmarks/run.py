@@ -9,7 +9,7 @@ The model is a Llama shape with random weights built from config (`--size small`
 for CPUs; `--size 1b`: the Llama-3.2-1B body, for a GPU) and a BPE tokenizer trained on the
 shipped tinyshakespeare text; nothing is downloaded. Training figures use fixed random batches
 (the data pipeline is timed on its own, on the toy GSM8K task and generated replay).
-    python benchmarks/run.py                                  # CPU, ~4 minutes on 2 cores
+    python benchmarks/run.py                                  # CPU, ~7 minutes on 2 cores
     python benchmarks/run.py --device cuda                    # GPU: 1B shape, bf16-mixed
 """
 
