@@ -5,18 +5,30 @@ flushed to disk and renamed over the target in one step, so a reader (or a rerun
 never meets a half-written one, and an existing one is only ever replaced by a finished one.
 `tempfile` creates its files 0600 and folders 0700; they are given the mode a plain `open` or
 `mkdir` would have (0666 / 0777 less the umask), so a colleague on a shared machine can read
-exported models, shards and results.
+exported models, shards and results. `exclusive_lock` keeps a second writer of the same
+directory out.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class LockedError(RuntimeError):
+    """Another process holds the lock of what this one was about to write; the message names it."""
 
 
 def _umask() -> int:
@@ -101,3 +113,63 @@ def write_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` atomically (see `atomic_file`)."""
     with atomic_file(path) as tmp:
         tmp.write_text(text)
+
+
+@contextmanager
+def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
+    """Hold the lock file `path` for the block, or refuse at once if another process holds it.
+
+    The lock is an advisory `flock` on `path`, which the kernel releases when its holder exits,
+    however it exits; the file itself records the holder (pid, host, start time), so that a
+    refused writer can name it. A lock file whose holder is gone is taken over with a warning.
+    The file is removed when the block ends.
+
+    Args:
+        path: The lock file, beside what it protects.
+        what: What is being written, for the messages.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise LockedError(
+                f"{what} is being written by another process (pid {holder.get('pid', '?')} on host "
+                f"{holder.get('host', '?')}, since {holder.get('since', '?')}; lock file {path}): wait for "
+                "it to finish (a rerun then resumes or finds it complete), or choose another output.dir"
+            ) from None
+        try:  # the file we locked must still be the one at `path` (a holder unlinks it on release)
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        holder = _lock_holder(fd)
+        if holder:
+            log.warning("%s: taking over the lock of pid %s on host %s (since %s), whose process is gone",
+                        what, holder.get("pid", "?"), holder.get("host", "?"), holder.get("since", "?"))
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        os.fsync(fd)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held: the next writer locks a new file
+        os.close(fd)
+
+
+def _lock_holder(fd: int) -> dict:
+    """The holder a lock file records ({} when empty or unreadable)."""
+    text = os.pread(fd, 4096, 0).decode(errors="replace")
+    try:
+        holder = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError:
+        return {"pid": "?", "host": "?", "since": f"an unreadable record {text[:40]!r}"}
+    return holder if isinstance(holder, dict) else {}

@@ -222,3 +222,39 @@ def test_fsdp2_with_lora_shards_the_reference_copy_and_exports_the_merged_model(
     assert merged.keys() == base.keys()
     changed = [k for k in base if not torch.equal(base[k], merged[k])]
     assert changed and all("proj" in k for k in changed)  # only the LoRA-adapted projections moved
+
+
+ODD_LLAMA = dict(hidden_size=45, head_dim=16, intermediate_size=63, num_hidden_layers=2, num_attention_heads=3,
+                 num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=False)
+
+
+def test_fsdp2_l2_and_ema_on_parameters_that_do_not_split_evenly(tmp_path, tiny_task_files):
+    """Vocabulary 509 and hidden 45: most parameters' first dimension splits 255 + 254 or 23 + 22."""
+    from cfs_lightning.experiments.init_model import init_model
+
+    from .conftest import SHAKESPEARE
+
+    model_dir = init_model(str(tmp_path / "odd"), [str(SHAKESPEARE / "train.txt")], vocab_size=509,
+                           model_config=ODD_LLAMA, seed=0)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert base.get_output_embeddings().weight.shape == (509, 45)
+    out = tmp_path / "fit"
+    config = yaml.safe_load(fit_config(out, model_dir, tiny_task_files, tmp_path, []).read_text())
+    config["trainer"]["callbacks"] = []
+    config["trainer"]["limit_train_batches"] = 2
+    config["model"]["init_args"]["regularizers"] = [
+        {"class_path": "cfs_lightning.training.regularizers.L2ToInit", "init_args": {"weight": 0.01}},
+        {"class_path": "cfs_lightning.training.regularizers.EMA", "init_args": {"decay": 0.5}},
+    ]
+    config["data"]["init_args"].update(replay_ratio=0.0, replay=None)
+    (out / "fit.yaml").write_text(yaml.safe_dump(config))
+    run_fit(out / "fit.yaml", "fsdp2")
+
+    rows = [r for r in (out / "metrics.csv").read_text().splitlines()[1:]]
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    column = header.index("train/reg/l2_to_init")
+    l2 = [float(r.split(",")[column]) for r in rows if r.split(",")[column]]
+    assert len(l2) == 2 and l2[0] == 0.0 and l2[1] > 0  # theta_0 at step 0; moved after one step
+    exported = AutoModelForCausalLM.from_pretrained(out / "hf_model").state_dict()
+    moved = [k for k, v in base.state_dict().items() if not torch.equal(v, exported[k])]
+    assert "lm_head.weight" in moved and "model.embed_tokens.weight" in moved

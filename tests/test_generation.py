@@ -79,7 +79,9 @@ def test_default_sampling_is_untruncated_temperature_one(tiny_model, tiny_tokeni
 def _generation_config_for_test(tokenizer):
     from cfs_lightning.sampling import _generation_config
 
-    return _generation_config(SamplingConfig(max_new_tokens=4), [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    # no stop token: a finished row would be padded after its EOS, whatever the sampler says
+    return _generation_config(SamplingConfig(max_new_tokens=4, stop_at_eos=False), [tokenizer.eos_token_id],
+                              tokenizer.pad_token_id)
 
 
 def test_inverse_cdf_sampler_draws_from_the_softmax_and_never_a_masked_token():

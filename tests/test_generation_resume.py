@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import pytest
 import yaml
 from datasets import Dataset
 
+from cfs_lightning.io import LockedError
 from cfs_lightning.sampling import Budget, SamplingConfig
 from cfs_lightning.replay.context_free import generate_replay
 from cfs_lightning.shards import load_shards, read_manifest
@@ -216,3 +218,32 @@ def test_a_directory_of_another_format_is_replaced_only_with_overwrite(tmp_path,
         generate_replay(tiny_model, tiny_tokenizer, tmp_path / "r", cfg, Budget(sequences=2))
     generate_replay(tiny_model, tiny_tokenizer, tmp_path / "r", cfg, Budget(sequences=2), overwrite=True)
     assert len(rows(tmp_path / "r")) == 2
+
+
+def test_a_second_writer_of_the_same_directory_is_refused_at_once(tmp_path, tiny_tokenizer, caplog):
+    """A job started twice on one output.dir: the second is refused, naming the first, and the
+    first's set is whole; a lock left by a process that is gone is taken over with a warning."""
+    base = {**provenance(tiny_tokenizer), "source": "test"}
+    out, refusals = tmp_path / "r", []
+
+    def first_job(*_):
+        for b in range(4):
+            if b == 2:  # the same command again, in another terminal
+                with pytest.raises(LockedError) as refused:
+                    write_shards(out, iter([[{"input_ids": [9, 9]}]]), base, shard_size=2)
+                refusals.append(str(refused.value))
+            yield [{"input_ids": [b, b + 1, b + 2]}] * 3
+
+    manifest = write_shards(out, first_job(), base, shard_size=2)
+    assert len(refusals) == 1
+    assert f"pid {os.getpid()} on host {socket.gethostname()}" in refusals[0] and str(out) in refusals[0]
+    assert manifest["num_sequences"] == 12 and len(manifest["shards"]) == 6
+    assert rows(out) == [[b, b + 1, b + 2] for b in range(4) for _ in range(3)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # no lock or partial left behind
+
+    stale = tmp_path / "s.lock"
+    stale.write_text(json.dumps({"pid": 999_999_999, "host": "gone-host", "since": "yesterday"}))
+    with caplog.at_level("WARNING"):
+        write_shards(tmp_path / "s", iter([[{"input_ids": [4, 5]}]]), base, shard_size=2)
+    assert "taking over the lock of pid 999999999 on host gone-host" in caplog.text
+    assert rows(tmp_path / "s") == [[4, 5]] and not stale.exists()

@@ -77,7 +77,7 @@ def test_meter_falls_back_to_the_cached_topk_and_is_exact_when_k_is_the_vocabula
 
 
 def test_fit_logs_the_meter_and_says_once_what_it_reads(tiny_model_dir, tiny_task_files, tiny_replay_dir, caplog):
-    dm = _datamodule(tiny_model_dir, tiny_task_files, tiny_replay_dir)
+    dm = _datamodule(tiny_model_dir, tiny_task_files, tiny_replay_dir, ratio=0)  # held-out replay only
     model = CausalLMFineTuner(str(tiny_model_dir), reference="copy",
                               optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
     trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,

@@ -6,7 +6,7 @@ from cfs_lightning.tokens import IGNORE_INDEX
 from cfs_lightning.data import ReplayConfig, ReplayDataModule
 from cfs_lightning.tasks import TaskSource
 from cfs_lightning.training import CausalLMFineTuner, CFSFineTuner
-from cfs_lightning.training.regularizers import NLLReplay, Regularizer
+from cfs_lightning.training.regularizers import EMA, KLToReference, L2ToInit, NLLReplay, Regularizer
 
 
 def test_nll_replay_matches_float64_hand_computation():
@@ -27,6 +27,64 @@ def test_nll_replay_matches_float64_hand_computation():
     assert count == 5 + 3 + 1
     assert got.dtype == torch.float64
     assert got.item() == pytest.approx(total / count, rel=1e-12)
+
+
+def test_sequence_normalization_sums_each_sequence_and_averages_over_sequences():
+    """`normalize: sequence` is the CFS objective's expectation over sequences: a term summed
+    over each sequence's target tokens, averaged over the sequences that have any."""
+    torch.manual_seed(0)
+    logits, ref = torch.randn(4, 6, 11, dtype=torch.float64), torch.randn(4, 6, 11, dtype=torch.float64)
+    ids = torch.randint(0, 11, (4, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4, [1] + [0] * 5])  # row 3: no target
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    batch = {"replay": {"input_ids": ids, "attention_mask": mask, "labels": labels}}
+    logp, logq = ref.log_softmax(-1), logits.log_softmax(-1)
+    nll = [-sum(logq[b, t, ids[b, t + 1]].item() for t in range(5) if mask[b, t + 1]) for b in range(4)]
+    kl = [sum((logp[b, t].exp() * (logp[b, t] - logq[b, t])).sum().item() for t in range(5) if mask[b, t + 1])
+          for b in range(4)]
+    reg, per_token = NLLReplay(), NLLReplay()
+    reg.normalize = "sequence"
+    assert reg(batch, {"replay": logits}).item() == pytest.approx(sum(nll) / 3, rel=1e-12)  # 3 rows have targets
+    assert per_token(batch, {"replay": logits}).item() == pytest.approx(sum(nll) / 9, rel=1e-12)  # 5 + 3 + 1 tokens
+    from cfs_lightning.training.losses import chunked_target_mean
+    from cfs_lightning.training.regularizers import token_divergence
+
+    got = chunked_target_mean(token_divergence, labels, logits, ref, chunk_size=2, per="sequence")
+    assert got.item() == pytest.approx(sum(kl) / 3, rel=1e-12)
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        chunked_target_mean(token_divergence, labels, logits, ref, per="batch")
+
+
+def test_the_module_normalizes_the_task_loss_and_every_term_alike(tiny_model_dir, tiny_task_files, tiny_replay_dir):
+    with pytest.raises(ValueError, match="model.normalize must be one of"):
+        CausalLMFineTuner(str(tiny_model_dir), normalize="tokens")
+    reg = NLLReplay()
+    model = CausalLMFineTuner(str(tiny_model_dir), regularizers=[reg], normalize="sequence",
+                              optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    seen = {}
+
+    class Capture(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            with torch.no_grad():
+                for stream in ("task", "replay"):
+                    b = batch[stream]
+                    logits = pl_module(b["input_ids"], b["attention_mask"])
+                    from cfs_lightning.training.losses import per_token_nll
+
+                    values, targets = per_token_nll(logits, b["labels"])
+                    seen[stream] = ((values * targets).sum() / targets.any(-1).sum()).item()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.update({k: v.item() for k, v in trainer.callback_metrics.items()})
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Capture()],
+                        limit_val_batches=0)
+    trainer.fit(model, datamodule=_datamodule(tiny_model_dir, tiny_task_files, tiny_replay_dir))
+    assert reg.normalize == "sequence"  # set by the module before the regularizer's setup
+    assert seen["train/task_loss"] == pytest.approx(seen["task"], rel=1e-5)
+    assert seen["train/reg/nll_replay"] == pytest.approx(seen["replay"], rel=1e-5)
+    assert seen["train/reg/nll_replay"] > 20  # nats per sequence, not per token
 
 
 def test_regularizer_names_default_and_must_be_unique(tiny_model_dir):
@@ -105,7 +163,7 @@ def test_replay_term_changes_the_gradient(tiny_model_dir, tiny_task_files, tiny_
         model = CausalLMFineTuner(str(tiny_model_dir), regularizers=regs)
         L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0).fit(
-            model, datamodule=_datamodule(tiny_model_dir, tiny_task_files, tiny_replay_dir))
+            model, datamodule=_datamodule(tiny_model_dir, tiny_task_files, tiny_replay_dir, ratio=0.5 if regs else 0))
         return model.model.lm_head.weight.detach().clone()
 
     assert not torch.allclose(train([]), train([NLLReplay()]))
@@ -117,6 +175,18 @@ def test_missing_replay_stream_names_the_fix(tiny_model_dir, tiny_task_files, ti
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     with pytest.raises(KeyError, match="replay_ratio > 0"):
         trainer.fit(model, datamodule=_datamodule(tiny_model_dir, tiny_task_files, tiny_replay_dir, ratio=0))
+
+
+@pytest.mark.parametrize("regularizers", [[], [L2ToInit(), EMA()], [KLToReference(on="task")]],
+                         ids=["plain", "l2+ema", "kl-on-task"])
+def test_replay_that_no_term_reads_is_refused(regularizers, tiny_model_dir, tiny_task_files, tiny_replay_dir):
+    model = CausalLMFineTuner(str(tiny_model_dir), regularizers=regularizers)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    with pytest.raises(ValueError, match=r"data.replay_ratio=0.5 adds a `replay` stream to every training "
+                                         r"batch, but no regularizer reads it .* add NLLReplay"):
+        trainer.fit(model, datamodule=_datamodule(tiny_model_dir, tiny_task_files, tiny_replay_dir))
+    assert trainer.global_step == 0
 
 
 def test_model_trains_in_train_mode(tiny_model_dir):

@@ -37,14 +37,14 @@ class Capture(L.Callback):
         self.task.append({k: v.clone() for k, v in batch["task"].items()})
 
 
-def _fit(tiny_model_dir, tiny_task_files, callbacks, replay_ratio=0.0, replay=None, steps=5):
+def _fit(tiny_model_dir, tiny_task_files, callbacks, replay_ratio=0.0, replay=None, steps=5, **trainer_args):
     task = TaskSource(path="json", data_files=tiny_task_files, prompt="Question: {question}\nAnswer:",
                       response=" {answer}", max_length=128)
     dm = ReplayDataModule(task, tokenizer=str(tiny_model_dir), batch_size=2, replay_ratio=replay_ratio, replay=replay)
     module = CausalLMFineTuner(str(tiny_model_dir), regularizers=[NLLReplay()])
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-                        limit_val_batches=0)
+                        limit_val_batches=0, **trainer_args)
     trainer.fit(module, datamodule=dm)
     return trainer
 
@@ -129,8 +129,60 @@ def test_on_policy_samples_come_from_the_current_weights(tiny_model_dir, tiny_ta
     ref_online = OnlineReplay(every_n_steps=1, num_sequences=3, batch_size=3, sampling=cfg, prompts="task",
                               stream="onpolicy")
     batch = {"task": capture.task[0]}
-    ref_online._refill(trainer, module, batch, 0)
-    assert all(r["input_ids"][-6:] == [x] * 6 for r in ref_online._pool)
+    pool = ref_online._refill(trainer, module, batch, 0)
+    assert all(r["input_ids"][-6:] == [x] * 6 for r in pool)
+
+
+def rows_of(batch: dict) -> list[list[int]]:
+    return [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
+
+
+def test_accumulated_micro_batches_get_rows_of_their_own(tiny_model_dir, tiny_task_files):
+    """With accumulate_grad_batches=2 the two micro-batches of a step read different pools; a
+    pool of task prompts is sampled from its own micro-batch's prompts."""
+    cfg = SamplingConfig(max_new_tokens=6, batch_size=4, seed=3)
+    online, capture = OnlineReplay(every_n_steps=2, num_sequences=4, batch_size=2, sampling=cfg), Capture()
+    _fit(tiny_model_dir, tiny_task_files, [online, capture], steps=2, accumulate_grad_batches=2)
+    assert online.rounds == 2 and len(capture.replay) == 4  # micro-batches 0-3: steps 0, 0, 1, 1
+    rows = [rows_of(b) for b in capture.replay]
+    assert not set(map(tuple, rows[0])) & set(map(tuple, rows[1]))  # step 0: one pool per micro-batch
+    assert rows[2] != rows[0] and rows[3] != rows[1]  # step 1 reads on in each pool
+    assert {tuple(r) for r in rows[0] + rows[2]} == {tuple(r["input_ids"]) for r in online._pools[0]}
+
+    task = TaskSource(path="json", data_files=tiny_task_files, prompt="Question: {question}\nAnswer:",
+                      response=" {answer}", max_length=128)
+    dm = ReplayDataModule(task, tokenizer=str(tiny_model_dir), batch_size=2)
+    module = CausalLMFineTuner(str(tiny_model_dir), reference="copy",
+                               regularizers=[KLToReference(on="onpolicy", direction="reverse")])
+    policy = OnlineReplay(every_n_steps=1, num_sequences=2, batch_size=2, sampling=cfg, sampler="trainable",
+                          prompts="task", stream="onpolicy")
+    capture = Capture("onpolicy")
+    L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0, accumulate_grad_batches=2,
+              callbacks=[policy, capture]).fit(module, datamodule=dm)
+    assert policy.rounds == 4
+    for online_rows, task_batch in zip(capture.replay, capture.task):
+        prompts = task_prompts(task_batch)
+        assert [r[:len(p)] for r, p in zip(rows_of(online_rows), prompts)] == prompts  # its own prompts
+
+
+def test_online_rows_that_no_term_reads_are_refused(tiny_model_dir, tiny_task_files):
+    cfg = SamplingConfig(max_new_tokens=4, batch_size=2)
+    onpolicy = OnlineReplay(every_n_steps=1, num_sequences=2, batch_size=2, sampling=cfg, sampler="trainable",
+                            prompts="task", stream="onpolicy")
+    with pytest.raises(ValueError, match=r"OnlineReplay callback \(stream: onpolicy\) adds a `onpolicy` stream .* "
+                                         r"add KLToReference \(on: onpolicy\) or SelfDistillation"):
+        _fit(tiny_model_dir, tiny_task_files, [onpolicy], steps=1)  # NLLReplay reads replay only
+    teacher = OnlineReplay(every_n_steps=1, num_sequences=2, batch_size=2, sampling=cfg, sampler="trainable",
+                           prompts="task", stream="onpolicy", demonstrations=True)
+    module = CausalLMFineTuner(str(tiny_model_dir), regularizers=[KLToReference(on="onpolicy")])
+    task = TaskSource(path="json", data_files=tiny_task_files, prompt="Question: {question}\nAnswer:",
+                      response=" {answer}", max_length=128)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[teacher])
+    with pytest.raises(ValueError, match="`onpolicy_teacher` stream .* add SelfDistillation"):
+        trainer.fit(module, datamodule=ReplayDataModule(task, tokenizer=str(tiny_model_dir), batch_size=2))
+    assert teacher.rounds == 0  # refused before anything was sampled
 
 
 def test_on_policy_options_are_checked(tiny_model_dir):

@@ -126,7 +126,8 @@ def test_checkpoint_holds_no_reference_and_resumes_ema_and_theta0(
         assert torch.equal(a, b)
     with pytest.raises(KeyError, match="keeps state"):  # a stateful regularizer the checkpoint lacks
         _trainer(3).fit(CausalLMFineTuner(str(tiny_model_dir), regularizers=[EMA(name="other")]),
-                        datamodule=dm, ckpt_path=tmp_path / "step=2.ckpt")
+                        datamodule=_datamodule(tiny_model_dir, tiny_task_files, tiny_replay_dir, ratio=0),
+                        ckpt_path=tmp_path / "step=2.ckpt")
 
 
 def test_validation_sees_the_ema_weights(tiny_model_dir, tiny_task_files, tiny_replay_dir):
@@ -139,7 +140,7 @@ def test_validation_sees_the_ema_weights(tiny_model_dir, tiny_task_files, tiny_r
     module = CausalLMFineTuner(str(tiny_model_dir), regularizers=[EMA(decay=0.5, final="live")],
                                optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     _trainer(2, [Peek()], limit_val_batches=1, val_check_interval=2, num_sanity_val_steps=0).fit(
-        module, datamodule=_datamodule(tiny_model_dir, tiny_task_files, tiny_replay_dir))
+        module, datamodule=_datamodule(tiny_model_dir, tiny_task_files, tiny_replay_dir, ratio=0))
     average = module.regularizers[0].average[-1]  # lm_head.weight is the last trainable tensor
     torch.testing.assert_close(seen[-1], average)
     assert not torch.allclose(module.model.lm_head.weight, average)  # final="live" kept the trained weights

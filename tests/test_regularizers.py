@@ -1,6 +1,7 @@
 """Parity of every regularizer with plain float64 maths on random inputs."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -48,6 +49,22 @@ def test_forward_reverse_and_jsd_match_their_definitions(temperature):
     torch.testing.assert_close(token_divergence(logits, ref, beta=0.0, temperature=temperature), forward)
     torch.testing.assert_close(token_divergence(logits, ref, beta=1.0, temperature=temperature), reverse)
     torch.testing.assert_close(token_divergence(logits, ref, beta=0.5), token_divergence(ref, logits, beta=0.5))
+
+
+def test_the_generalised_jsd_jumps_at_both_ends_as_its_option_says():
+    """TRL's convention, kept: JSD_beta is at most the binary entropy of beta, so it vanishes as
+    beta nears 0 or 1, where the value jumps to a KL; the `beta` option documents this."""
+    from cfs_lightning.training.regularizers import SelfDistillation
+
+    logits, ref = _dists()
+    ends = {0.0: token_divergence(logits, ref, "forward"), 1.0: token_divergence(logits, ref, "reverse")}
+    for beta, end in ((1e-6, 0.0), (1 - 1e-6, 1.0)):
+        near = token_divergence(logits, ref, beta=beta)
+        entropy = -(beta * math.log(beta) + (1 - beta) * math.log(1 - beta))
+        assert (near <= entropy + 1e-15).all() and (ends[end] > 1000 * near).all()
+        torch.testing.assert_close(token_divergence(logits, ref, beta=end), ends[end])
+    for cls in (KLToReference, SelfDistillation):
+        assert re.search(r"jumps at both\s+ends", cls.__init__.__doc__)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -8,6 +8,7 @@ import pytest
 from cfs_lightning.experiments.report import find_runs, load_run, method_and_seed, report
 
 RET, DOWN = "held/bits_per_byte", "task/acc"  # retained lower-is-better, downstream higher-is-better
+VAL_RET, VAL_DOWN = "held_val/bits_per_byte", "task_val/acc"  # WiSE-FT's alpha is chosen on these
 
 
 def _fit_run(folder: Path, finals: list[tuple[float, float]], replay_nll: list[float], base=(2.0, 0.1),
@@ -43,8 +44,13 @@ def runs(tmp_path):
     _fit_run(root / "cfs" / "seed1", [(2.1, 0.5), (2.4, 0.6)], [2.2, 2.4], json_history=False)  # CSV only
     wise = root / "wise-ft" / "seed0"
     wise.mkdir(parents=True)
-    sweep = [(0.0, 2.0, 0.1), (0.5, 2.3, 0.55), (0.75, 2.9, 0.58), (1.0, 3.1, 0.6)]
-    (wise / "wise_ft.json").write_text(json.dumps([{"alpha": a, RET: r, DOWN: d} for a, r, d in sweep]))
+    # (alpha, test retained, test downstream, validation retained, validation downstream): on the
+    # test scores 0.5 would be best, on the validation ones 0.75 is
+    sweep = [(0.0, 2.0, 0.1, 2.0, 0.1), (0.5, 2.3, 0.55, 2.5, 0.3), (0.75, 2.9, 0.58, 2.6, 0.6),
+             (1.0, 3.1, 0.6, 3.1, 0.6)]
+    select_on = {"tasks": ["held_val.yaml", "task_val.yaml"], "retained": VAL_RET, "downstream": VAL_DOWN}
+    rows = [{"alpha": a, RET: r, DOWN: d, VAL_RET: vr, VAL_DOWN: vd} for a, r, d, vr, vd in sweep]
+    (wise / "wise_ft.json").write_text(json.dumps({"select_on": select_on, "rows": rows}))
     return root
 
 
@@ -69,10 +75,14 @@ def test_table_means_ratios_and_best_alpha(runs, tmp_path):
     assert cfs["forgetting_recovered"] == pytest.approx((0.9 / 1.1 + 0.7 / 1.1) / 2)
     assert cfs["gain_kept"] == pytest.approx(1.0)  # (0.6 - 0.1) / (0.6 - 0.1)
     assert ft["forgetting_recovered"] == pytest.approx(0.0)
-    # alpha 0.5 recovers (3.1-2.3)/1.1 = 0.73 and keeps 0.45/0.5 = 0.9: more than 0.75 (0.18 + 0.96)
-    assert wise["alpha"] == [0.5] and wise["retained"] == pytest.approx(2.3)
+    # on the validation scores, against the sweep's own ends, alpha 0.75 recovers (3.1-2.6)/1.1 = 0.45
+    # and keeps 0.5/0.5 = 1: more than 0.5 (0.55 + 0.4); on the test scores 0.5 would win (0.73 + 0.9
+    # against 0.18 + 0.96). The row reports alpha 0.75's test scores.
+    assert wise["alpha"] == [0.75] and wise["retained"] == pytest.approx(2.9)
+    assert wise["downstream"] == pytest.approx(0.58) and wise["alpha_chosen_on"] == [VAL_RET, VAL_DOWN]
     table = (tmp_path / "out" / "results.md").read_text()
-    assert "| cfs | 2 | 2.3000 ± 0.1414 | 0.6000 |" in table and "wise-ft (α = 0.5)" in table
+    assert "| cfs | 2 | 2.3000 ± 0.1414 | 0.6000 |" in table and "wise-ft (α = 0.75)" in table
+    assert f"α is chosen per seed, by the same forgetting recovered + gain kept, on validation documents" in table
     assert "| base model | - | 2.0000 | 0.1000 | 100% | 0% |" in table  # no forgetting, no gain
     for name in ("tradeoff.png", "curves.png", "recovered.png"):
         data = (tmp_path / "out" / name).read_bytes()
@@ -108,6 +118,10 @@ def test_bad_input_is_named(runs, tmp_path):
     with pytest.raises(FileNotFoundError, match="no run logs in or under"):
         report([str(tmp_path / "empty")], RET, DOWN, output_dir=str(tmp_path / "o3"))
     assert not (tmp_path / "o1").exists() or not any((tmp_path / "o1").iterdir())
+    sweep = runs / "wise-ft" / "seed0" / "wise_ft.json"
+    sweep.write_text(json.dumps(json.loads(sweep.read_text())["rows"]))  # no validation scores
+    with pytest.raises(ValueError, match="no validation scores to choose its alpha on"):
+        report([str(runs)], RET, DOWN, output_dir=str(tmp_path / "o4"))
 
 
 def test_cfs_report_command_takes_one_folder_or_a_list(runs, tmp_path):

@@ -64,9 +64,9 @@ def test_sdft_term_is_the_kl_to_the_demonstration_conditioned_teacher(tiny_model
             p.add_(torch.randn_like(p) * 0.3)
     student, teach = _rows(base.config.vocab_size)
     reg = SelfDistillation(teacher=teacher, direction=direction, skip_tokens=skip, chunk_size=2)
-    forward = lambda ids, mask: student_model(input_ids=ids, attention_mask=mask).logits  # noqa: E731
-    reg.reference, reg._live = FrozenReference(base, "copy"), forward
-    logits = forward(student["input_ids"], student["attention_mask"])
+    module = _Module(student_model, FrozenReference(base, "copy"))
+    reg.setup(module)
+    logits = module(student["input_ids"], student["attention_mask"])
     got = reg({"onpolicy": student, "onpolicy_teacher": teach}, {"onpolicy": logits})
     with torch.no_grad():
         teacher_model = base if teacher == "base" else student_model
@@ -77,6 +77,41 @@ def test_sdft_term_is_the_kl_to_the_demonstration_conditioned_teacher(tiny_model
     got.backward()  # the student side takes the gradient; the teacher's side none
     assert student_model.lm_head.weight.grad is not None
     assert all(p.grad is None for p in base.parameters())
+
+
+class _Module(torch.nn.Module):
+    """What SelfDistillation reads of CausalLMFineTuner: `model`, `reference`, and its forward."""
+
+    def __init__(self, model, reference=None) -> None:
+        super().__init__()
+        self.model, self.reference = model, reference
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def test_the_live_teacher_runs_in_eval_mode_and_the_student_stays_in_train_mode(tiny_model):
+    """With attention dropout 0.5, a teacher pass in train mode would be random; the live teacher
+    must be the eval-mode network (dropout off), as TRL runs its teacher."""
+    model = copy.deepcopy(tiny_model)
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    with torch.no_grad():  # peakier distributions: a divergence of a nat or so, not 1e-3
+        model.lm_head.weight.mul_(30)
+    student, teach = _rows(model.config.vocab_size)
+    reg = SelfDistillation(teacher="live", chunk_size=2)
+    module = _Module(model.eval())
+    reg.setup(module)
+    with torch.no_grad():
+        logits = module(student["input_ids"], student["attention_mask"])
+        t_logits = module(teach["input_ids"], teach["attention_mask"])
+    expected = _by_hand(logits, t_logits, student["labels"], teach["labels"])
+    assert expected > 0.05
+    model.train()
+    for _ in range(2):
+        got = reg({"onpolicy": student, "onpolicy_teacher": teach}, {"onpolicy": logits})
+        assert got.item() == pytest.approx(expected, rel=1e-5)
+        assert model.training and all(m.training for m in model.modules())  # the student's mode, restored
 
 
 def test_teacher_view_puts_the_demonstration_first_and_drops_the_second_bos(tmp_path):

@@ -6,11 +6,15 @@ import yaml
 
 import cfs_lightning.experiments.study
 from cfs_lightning.experiments.study import DataStep, Method, WiseFT, study
+from cfs_lightning.experiments.wise_ft import AlphaSelection
 
 from .conftest import REPO
 
 TASKS = [str(REPO / "configs/tasks/shakespeare_heldout.yaml"), str(REPO / "configs/tasks/gsm8k_answers.yaml")]
 RET, DOWN = "shakespeare_heldout/bits_per_byte", "gsm8k_answers/bits_per_byte"
+SELECT = AlphaSelection([str(REPO / "configs/tasks/shakespeare_heldout_val.yaml"),
+                         str(REPO / "configs/tasks/gsm8k_answers_val.yaml")],
+                        "shakespeare_heldout_val/bits_per_byte", "gsm8k_answers_val/bits_per_byte")
 
 
 def _study(tiny_model_dir, out, **kw):
@@ -25,7 +29,7 @@ def _study(tiny_model_dir, out, **kw):
                        {"budget.sequences": 20, "sampling.max_new_tokens": 8, "sampling.batch_size": 10,
                         "store_topk": 0})],
         methods=[Method("ft", ["configs/toy/methods/ft.yaml"]), Method("cfs", ["configs/toy/methods/cfs-nll.yaml"], seeds=[0])],
-        wise_ft=WiseFT(TASKS, alphas=[0.0, 0.5, 1.0], batch_size=4, limit=4), **kw)
+        wise_ft=WiseFT(TASKS, SELECT, alphas=[0.0, 0.5, 1.0], batch_size=4, limit=4), **kw)
 
 
 def test_study_fits_every_method_and_seed_reports_and_resumes(tmp_path, monkeypatch, tiny_model_dir):

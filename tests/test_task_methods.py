@@ -212,12 +212,33 @@ def test_token_mask_scores_every_response_token_and_caches_with_provenance(tmp_p
     first_masked = 0
     for (ids, labels), ref, p in zip(_rows(tmp_path / "high"), data["labels"], ppl):
         for t in range(1, len(ids)):
-            if ref[t] != IGNORE_INDEX:
+            if ref[t] != IGNORE_INDEX and ids[t] != tiny_tokenizer.eos_token_id:
                 assert (labels[t] == IGNORE_INDEX) == (p[t - 1].item() > tau)
         first = next(t for t in range(1, len(ref)) if ref[t] != IGNORE_INDEX)
         first_masked += labels[first] == IGNORE_INDEX
     assert first_masked > 0  # the first response token is scored, and masked when above tau
     assert _rows(tmp_path / "random") != _rows(tmp_path / "low")
+
+
+def test_the_stop_token_is_never_masked(tmp_path, tiny_model, tiny_tokenizer, tiny_task_files):
+    """The EOS that ends each response is made the least likely token (perplexity far above tau),
+    and stays a target in every mode; nothing else is spared."""
+    eos = tiny_tokenizer.eos_token_id
+    I = IGNORE_INDEX
+    labels, ppl = [I, I, 7, 8, eos], [9.0, 30.0, 1.5, 1e6]
+    for mode in ("high", "random", "low"):
+        out, n = mask_tokens(labels, ppl, 2.5, mode, random.Random(0), keep=frozenset({eos}))
+        assert out[-1] == eos and n == 1 and sum(x == I for x in out[2:4]) == 1
+    make_eos_prone(tiny_model, eos, bias=-30.0)  # EOS: perplexity ~e^30, far above any other token's
+    task = _task(tiny_task_files)
+    data = task.tokenize(task.load(task.split), tiny_tokenizer)
+    with torch.no_grad():
+        t = torch.tensor([data["input_ids"][0]])
+        tau = float(F.cross_entropy(tiny_model(input_ids=t).logits[0, :-1], t[0, 1:], reduction="none").exp().median())
+    manifest = token_mask(tiny_model, tiny_tokenizer, task, tmp_path / "m", tau=tau, mode="high")
+    rows = _rows(tmp_path / "m")
+    assert manifest["stats"]["masked_tokens"] > 0 and len(rows) == len(data) - manifest["stats"]["dropped"]
+    assert all(ids[-1] == eos and labels[-1] == eos for ids, labels in rows)
 
 
 def test_a_tau_masking_everything_writes_nothing(tmp_path, tiny_model, tiny_tokenizer, tiny_task_files):

@@ -13,6 +13,21 @@ from .conftest import REPO, SHAKESPEARE, TINY_LLAMA
 
 TASKS = [str(REPO / "configs/tasks/shakespeare_heldout.yaml"), str(REPO / "configs/tasks/gsm8k_answers.yaml")]
 RET, DOWN = "shakespeare_heldout/bits_per_byte", "gsm8k_answers/bits_per_byte"
+VAL_TASKS = [t.replace(".yaml", "_val.yaml") for t in TASKS]
+VAL_RET, VAL_DOWN = "shakespeare_heldout_val/bits_per_byte", "gsm8k_answers_val/bits_per_byte"
+
+
+@pytest.mark.parametrize("name", ["shakespeare_heldout", "gsm8k_answers", "code_heldout", "number_words"])
+def test_validation_documents_are_the_last_200_and_never_test_documents(name):
+    """What WiSE-FT's alpha is chosen on is never in what the report shows."""
+    from lm_eval.tasks import TaskManager
+
+    specs = task_specs([str(REPO / f"configs/tasks/{name}.yaml"), str(REPO / f"configs/tasks/{name}_val.yaml")])
+    tasks = TaskManager(include_defaults=False).load_task_or_group(specs)
+    test, val = (list(tasks[key].test_docs()) for key in (name, f"{name}_val"))
+    assert len(val) == 200 and len(test) > 200
+    key = "question" if name == "gsm8k_answers" else "number" if name == "number_words" else "text"
+    assert not {d[key] for d in test} & {d[key] for d in val}
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +48,20 @@ def test_interpolate_endpoints_are_the_two_models(tmp_path, tiny_model_dir, fine
     main(["interpolate", f"--base={tiny_model_dir}", f"--finetuned={finetuned_dir}",
           f"--tasks={json.dumps(TASKS)}", f"--retained={RET}", f"--downstream={DOWN}",
           "--alphas=[0, 0.5, 1]", "--limit=4", "--batch_size=4", "--device=cpu",
-          f"--output_dir={tmp_path / 'w'}"])
-    rows = json.loads((tmp_path / "w" / "wise_ft.json").read_text())
+          f"--select_on.tasks={json.dumps(VAL_TASKS)}", f"--select_on.retained={VAL_RET}",
+          f"--select_on.downstream={VAL_DOWN}", f"--output_dir={tmp_path / 'w'}"])
+    sweep = json.loads((tmp_path / "w" / "wise_ft.json").read_text())
+    assert sweep["select_on"] == {"tasks": VAL_TASKS, "retained": VAL_RET, "downstream": VAL_DOWN}
+    rows = sweep["rows"]
     assert [r["alpha"] for r in rows] == [0, 0.5, 1]
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     for alpha, name in ((0, tiny_model_dir), (1, finetuned_dir)):
-        scores, _ = evaluate_lm(AutoModelForCausalLM.from_pretrained(name), tok, task_specs(TASKS),
+        scores, _ = evaluate_lm(AutoModelForCausalLM.from_pretrained(name), tok, task_specs(TASKS + VAL_TASKS),
                                 batch_size=4, limit=4)
         row = next(r for r in rows if r["alpha"] == alpha)
-        assert row[RET] == pytest.approx(scores[RET], rel=1e-5)
-        assert row[DOWN] == pytest.approx(scores[DOWN], rel=1e-5)
+        for key in (RET, DOWN, VAL_RET, VAL_DOWN):
+            assert row[key] == pytest.approx(scores[key], rel=1e-5)
+        assert row[VAL_RET] != row[RET]  # other documents
     assert rows[0][RET] != rows[2][RET]
     assert "| 0.5 |" in (tmp_path / "w" / "wise_ft.md").read_text()
     assert (tmp_path / "w" / "wise_ft.png").read_bytes()[:4] == b"\x89PNG"

@@ -14,7 +14,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from ..data import Collator
 from ..sampling import SamplingConfig, sample_context_free, sample_continuations
-from ..tokens import IGNORE_INDEX, pad_token_id
+from ..tokens import IGNORE_INDEX, eval_mode, pad_token_id
 from ..training.regularizers import KLFromCachedTopK
 
 
@@ -32,6 +32,12 @@ class OnlineReplay(L.Callback):
     disabled): the callback declares `needs_reference`, so the module builds one at fit start
     when no regularizer asked for it. Round r (steps r*k .. r*k + k - 1) on rank q of W is
     seeded by (sampling.seed, r * W + q): a resumed fit draws the same sequences again.
+
+    Under gradient accumulation (`trainer.accumulate_grad_batches` A > 1) each micro-batch m of a
+    step keeps a pool of its own, sampled at its round's first step (from that micro-batch's task
+    prompts with `prompts: task`) and seeded by (sampling.seed, (r * A + m) * W + q): the A
+    micro-batches of a step see different rows, as A steps without accumulation would, at A
+    times the sampling per round.
     Sharded strategies (FSDP, FSDP2) are refused: generation from a sharded model needs every rank
     in every step and is not supported here; use cached replay (`cfs generate`) there.
 
@@ -58,7 +64,8 @@ class OnlineReplay(L.Callback):
         """
         Args:
             every_n_steps: Optimizer steps between regenerations (k).
-            num_sequences: Sequences sampled per regeneration (the pool).
+            num_sequences: Sequences sampled per regeneration (the pool), per micro-batch under
+                gradient accumulation.
             batch_size: Online sequences added to every training step.
             sampling: How sequences are drawn (temperature 1, no truncation by default).
             sampler: `reference` (the frozen initial model) or `trainable` (the current weights).
@@ -87,10 +94,12 @@ class OnlineReplay(L.Callback):
                              f"(the teacher sees the task example its row was prompted from), got "
                              f"prompts: {prompts}, stream: {stream}")
         self.demonstrations, self.separator = demonstrations, separator
+        self.streams = (stream, f"{stream}_teacher") if demonstrations else (stream,)
+        """The batch streams this callback adds rows to (a regularizer must read each)."""
         self.needs_reference = sampler == "reference"  # the module builds one at fit start
         self.rounds = 0
-        self._pool: list[dict] = []
-        self._round: int | None = None
+        self._pools: dict[int, list[dict]] = {}  # micro-batch index within a step -> its pool
+        self._rounds: dict[int, int] = {}  # micro-batch index -> the round its pool was sampled for
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -110,48 +119,48 @@ class OnlineReplay(L.Callback):
             with pl_module.reference.as_causal_lm() as model:
                 yield model
             return
-        model = pl_module.hf_model  # the weights being trained, LoRA adapters on
-        was_training = model.training
-        model.eval()  # dropout off while sampling
-        try:
+        with eval_mode(pl_module.hf_model) as model:  # the weights being trained (LoRA on), dropout off
             yield model
-        finally:
-            model.train(was_training)
 
-    def _refill(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, round_index: int) -> None:
-        seed = self.sampling.seed * 1_000_003 + round_index * trainer.world_size + trainer.global_rank
+    def _refill(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, draw: int) -> list[dict]:
+        """A fresh pool, the `draw`-th of this rank (round * accumulation + micro-batch)."""
+        seed = self.sampling.seed * 1_000_003 + draw * trainer.world_size + trainer.global_rank
         cfg = dataclasses.replace(self.sampling, seed=seed)
         tok = pl_module.tokenizer
+        self.rounds += 1
         with self._sampling_model(pl_module) as model:
             if self.prompts == "start":
-                self._pool = [r for b in sample_context_free(model, tok, cfg, self.num_sequences, None) for r in b]
-            else:
-                prompts = task_prompts(batch["task"])
-                rows = [i % len(prompts) for i in range(self.num_sequences)]
-                if self.demonstrations:  # the teacher's context: each row's own task example
-                    sep = tok(self.separator, add_special_tokens=False)["input_ids"] if self.separator else []
-                    examples = [ids[m.bool()].tolist() + sep for ids, m in
-                                zip(batch["task"]["input_ids"], batch["task"]["attention_mask"], strict=True)]
-                self._pool = []
-                for b, first in enumerate(range(0, len(rows), cfg.batch_size)):
-                    chunk = rows[first:first + cfg.batch_size]
-                    samples = sample_continuations(model, tok, cfg, [prompts[i] for i in chunk], b)
-                    for i, rec in zip(chunk, samples, strict=True):
-                        n = rec.pop("n_prompt")
-                        rec["labels"] = [IGNORE_INDEX] * n + rec["input_ids"][n:]
-                        if self.demonstrations:
-                            rec.update(teacher_view(examples[i], rec["input_ids"], n, tok.bos_token_id))
-                        self._pool.append(rec)
-        self._round = round_index
-        self.rounds += 1
+                return [r for b in sample_context_free(model, tok, cfg, self.num_sequences, None) for r in b]
+            prompts = task_prompts(batch["task"])
+            rows = [i % len(prompts) for i in range(self.num_sequences)]
+            if self.demonstrations:  # the teacher's context: each row's own task example
+                sep = tok(self.separator, add_special_tokens=False)["input_ids"] if self.separator else []
+                examples = [ids[m.bool()].tolist() + sep for ids, m in
+                            zip(batch["task"]["input_ids"], batch["task"]["attention_mask"], strict=True)]
+            pool = []
+            for b, first in enumerate(range(0, len(rows), cfg.batch_size)):
+                chunk = rows[first:first + cfg.batch_size]
+                samples = sample_continuations(model, tok, cfg, [prompts[i] for i in chunk], b)
+                for i, rec in zip(chunk, samples, strict=True):
+                    n = rec.pop("n_prompt")
+                    rec["labels"] = [IGNORE_INDEX] * n + rec["input_ids"][n:]
+                    if self.demonstrations:
+                        rec.update(teacher_view(examples[i], rec["input_ids"], n, tok.bos_token_id))
+                    pool.append(rec)
+            return pool
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict,
                              batch_idx: int) -> None:
-        step = trainer.global_step
-        if self._round != step // self.every_n_steps:
-            self._refill(trainer, pl_module, batch, step // self.every_n_steps)
+        step, accumulation = trainer.global_step, trainer.accumulate_grad_batches
+        # The micro-batch's place in its optimizer step: every epoch starts a new step (Lightning
+        # steps on an epoch's last batch whatever the accumulation).
+        micro, round_index = batch_idx % accumulation, step // self.every_n_steps
+        if self._rounds.get(micro) != round_index:
+            self._pools[micro] = self._refill(trainer, pl_module, batch, round_index * accumulation + micro)
+            self._rounds[micro] = round_index
+        pool = self._pools[micro]
         first = (step % self.every_n_steps) * self.batch_size
-        rows = [self._pool[(first + j) % len(self._pool)] for j in range(self.batch_size)]
+        rows = [pool[(first + j) % len(pool)] for j in range(self.batch_size)]
         pad = pad_token_id(pl_module.tokenizer)
         online = {k: v.to(pl_module.device) for k, v in Collator(pad)(rows).items()}
         s = self.stream

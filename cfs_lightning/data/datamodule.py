@@ -98,6 +98,11 @@ class ReplayDataModule(L.LightningDataModule):
         them against its weights before fitting (`check_manifest`)."""
         self._resume: dict[str, int] | None = None
 
+    @property
+    def train_streams(self) -> tuple[str, ...]:
+        """The streams of every training batch: `task`, and `replay` when replay is mixed in."""
+        return ("task", "replay") if self.replay_batch_size else ("task",)
+
     # -- lifecycle -------------------------------------------------------------------------------
 
     def _load_tokenizer(self) -> PreTrainedTokenizerBase:

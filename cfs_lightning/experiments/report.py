@@ -46,6 +46,8 @@ class Run:
     """`forget/<task>/<metric>` beside each evaluation, when logged (it tells the metric's direction)."""
     sweep: list[dict[str, float]] | None = None
     """WiSE-FT: one row per alpha."""
+    select_on: dict[str, str] | None = None
+    """WiSE-FT: the validation metrics its alpha is chosen on (`wise_ft.AlphaSelection`)."""
     alpha: float | None = None
 
 
@@ -122,7 +124,8 @@ def load_run(path: Path) -> Run:
     method, seed = method_and_seed(path)
     run = Run(path, method, seed)
     if (path / "wise_ft.json").is_file():
-        run.sweep = json.loads((path / "wise_ft.json").read_text())
+        sweep = json.loads((path / "wise_ft.json").read_text())
+        run.sweep, run.select_on = (sweep, None) if isinstance(sweep, list) else (sweep["rows"], sweep["select_on"])
         return run
     rows = read_csv_metrics(path / "metrics.csv") if (path / "metrics.csv").is_file() else []
     if not rows and any(path.glob("events.out.tfevents.*")):
@@ -163,7 +166,8 @@ def higher_is_better(runs: list[Run], metric: str, given: list[str]) -> bool:
 
 
 def _best_alpha(sweep: list[dict[str, float]], retained: str, downstream: str, sign: dict[str, float]) -> dict:
-    """The alpha with the most forgetting recovered + gain kept relative to its own ends (0, 1)."""
+    """The alpha with the most forgetting recovered + gain kept relative to its own ends (0, 1),
+    on the `retained` and `downstream` metrics given (the validation ones)."""
     by_alpha = {r["alpha"]: r for r in sweep}
     if 0.0 not in by_alpha or 1.0 not in by_alpha:
         raise ValueError("cfs report: a wise_ft.json sweep needs alphas 0 and 1 to choose the best alpha; "
@@ -206,11 +210,18 @@ def summarize(runs: list[Run], retained: str, downstream: str, baseline: str | N
                          "evaluation at fit start (RetainedEval on_fit_start)")
     for run in runs:
         if run.sweep is not None:
-            missing = [m for m in (retained, downstream) if any(m not in row for row in run.sweep)]
+            if run.select_on is None:
+                raise ValueError(
+                    f"cfs report: {run.path / 'wise_ft.json'} has no validation scores to choose its alpha "
+                    "on (it was written without select_on), and choosing it on the scores the table "
+                    "reports would flatter it; rerun `cfs interpolate` with select_on (validation tasks "
+                    "such as configs/tasks/*_val.yaml; the study's wise_ft.select_on)")
+            chosen_on = (run.select_on["retained"], run.select_on["downstream"])
+            missing = [m for m in (retained, downstream, *chosen_on) if any(m not in row for row in run.sweep)]
             if missing:
                 raise KeyError(f"cfs report: run {run.path} logged no {missing[0]!r}; it logged "
                                f"{sorted(run.sweep[0])}")
-            best = _best_alpha(run.sweep, retained, downstream, sign)
+            best = _best_alpha(run.sweep, *chosen_on, {chosen_on[0]: sign[retained], chosen_on[1]: sign[downstream]})
             run.alpha = best["alpha"]
             run.evals = [{k: v for k, v in r.items() if k != "alpha"} for r in (run.sweep[0], best)]
         for metric in (retained, downstream):
@@ -246,6 +257,7 @@ def summarize(runs: list[Run], retained: str, downstream: str, baseline: str | N
         alphas = [r.alpha for r in group if r.alpha is not None]
         if alphas:
             row["alpha"] = alphas
+            row["alpha_chosen_on"] = sorted({r.select_on[k] for r in group if r.select_on for k in ("retained", "downstream")})
         out["methods"][name] = row
     return out
 
@@ -285,6 +297,12 @@ def to_markdown(s: dict) -> str:
                      f"G / G_{s['baseline']}, where F is the retained score's loss since the base model and "
                      f"G the downstream score's improvement over it, against the mean of the "
                      f"{s['baseline']!r} runs: 100% forgetting recovered is no forgetting at all.")
+    for name, r in s["methods"].items():
+        if "alpha" in r:
+            lines.append(f"{name}: α is chosen per seed, by the same forgetting recovered + gain kept, on "
+                         f"validation documents that the table's tasks never see ("
+                         + ", ".join(f"`{k}`" for k in r["alpha_chosen_on"])
+                         + "); the row gives that α's scores on the table's tasks.")
     for key, m in s.get("meter", {}).items():
         r = "n/a" if m["pearson_r"] is None else f"{m['pearson_r']:.2f}"
         lines.append(f"Forgetting meter: `{key}` at the last validation against the final retained "

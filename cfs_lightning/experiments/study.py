@@ -17,7 +17,7 @@ import json
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from ..io import atomic_file
 from .report import report
 from .runner import run_command, run_fit
 from .toy_base import ToyBase, build_base
-from .wise_ft import interpolate
+from .wise_ft import AlphaSelection, interpolate
 
 _PLACEHOLDER = re.compile(r"\{([\w.+-]+)\}")
 
@@ -76,11 +76,14 @@ class WiseFT:
 
     tasks: list[str]
     """lm-eval task names or YAML files, as in the fits' `RetainedEval`."""
+    select_on: AlphaSelection
+    """Validation tasks and metrics the alpha is chosen on: documents the reported `tasks` never
+    see (configs/tasks/*_val.yaml)."""
     finetuned: str = "ft"
     """The method whose export (`seed<k>/hf_model`) is interpolated, seed by seed."""
     name: str = "wise-ft"
-    """Its name in the report; the report keeps the alpha with the most forgetting recovered plus
-    gain kept, chosen on the evaluation itself (an oracle choice, in WiSE-FT's favour)."""
+    """Its name in the report; per seed, the report keeps the alpha with the most forgetting
+    recovered plus gain kept on `select_on`, and gives its scores on `tasks`."""
     alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     """Interpolation weights of the fine-tuned model; 0 and 1 are needed."""
     batch_size: int = 16
@@ -339,10 +342,11 @@ def _fit_once(method: Method, seed: int, base: str, fit_config: str, args: list[
 def _interpolate_once(w: WiseFT, seed: int, base: str, retained: str, downstream: str, methods: Path) -> float:
     run = methods / w.name / f"seed{seed}"
     finetuned = methods / w.finetuned / f"seed{seed}" / "hf_model"
-    if (minutes := _finished(run, finetuned=str(finetuned), alphas=w.alphas)) is not None:
+    settings = {"finetuned": str(finetuned), "alphas": w.alphas, "select_on": asdict(w.select_on)}
+    if (minutes := _finished(run, **settings)) is not None:
         return minutes
     started = time.perf_counter()
     rank_zero_info(f"[study] {w.name} seed {seed}: interpolating {base} and {finetuned}")
     interpolate(base, str(finetuned), w.tasks, retained, downstream, alphas=w.alphas, output_dir=str(run),
-                batch_size=w.batch_size, limit=w.limit, device="auto")
-    return _mark_done(run, started, method=w.name, seed=seed, finetuned=str(finetuned), alphas=w.alphas)
+                batch_size=w.batch_size, limit=w.limit, device="auto", select_on=w.select_on)
+    return _mark_done(run, started, method=w.name, seed=seed, **settings)

@@ -2,12 +2,14 @@
 
 theta(alpha) = (1 - alpha) * theta_base + alpha * theta_ft (Wortsman et al., arXiv 2109.01903):
 alpha = 0 is the base model, alpha = 1 the fine-tuned one. Sweeping alpha traces how much
-downstream gain is bought with how much retained ability.
+downstream gain is bought with how much retained ability. A single alpha to report is chosen on
+held-out documents (`AlphaSelection`), never on the scores it reports.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +18,21 @@ from transformers import AutoTokenizer
 from ..evaluation import evaluate_lm, task_manager_for, task_specs
 from ..io import atomic_file
 from ..loading import load_causal_lm
+
+
+@dataclass
+class AlphaSelection:
+    """Where one alpha is chosen: validation tasks whose documents the reported tasks never see
+    (configs/tasks/*_val.yaml: the last 200 documents, which the test tasks leave out), and
+    their retained and downstream metrics. `cfs report` keeps, per seed, the alpha with the most
+    forgetting recovered plus gain kept on these, and reports that alpha's test scores."""
+
+    tasks: list[str]
+    """lm-eval task names or YAML files of the validation documents."""
+    retained: str
+    """`<task>/<metric>` of retained ability on them."""
+    downstream: str
+    """`<task>/<metric>` of the downstream task on them."""
 
 
 def check_compatible(base: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor]) -> None:
@@ -54,12 +71,13 @@ def interpolate(
     dtype: str | None = None,
     device: str = "auto",
     trust_remote_code: bool = False,
+    select_on: AlphaSelection | None = None,
 ) -> list[dict]:
     """Evaluate theta(alpha) = (1 - alpha) theta_base + alpha theta_ft for every alpha with lm-eval.
 
-    Writes `wise_ft.json` (one row per alpha), `wise_ft.md` (the table) and `wise_ft.png`
-    (retained and downstream scores against alpha, and downstream against retained) into
-    `output_dir`.
+    Writes `wise_ft.json` (`select_on` and one row of scores per alpha), `wise_ft.md` (the table)
+    and `wise_ft.png` (retained and downstream scores against alpha, and downstream against
+    retained) into `output_dir`.
 
     Args:
         base: The base model (hub name or directory).
@@ -77,9 +95,14 @@ def interpolate(
         dtype: Weight dtype (`float32`, `bfloat16`, ...); default float32.
         device: `auto` (CUDA when available), `cpu`, `cuda`, ...
         trust_remote_code: Allow model code shipped with the checkpoint to run.
+        select_on: Validation tasks to choose one alpha on (evaluated beside `tasks`, same
+            `limit`); `cfs report` needs them to put the sweep in its table.
     """
     if not alphas:
         raise ValueError("interpolate needs at least one alpha")
+    if select_on is not None and set(select_on.tasks) & set(tasks):
+        raise ValueError(f"select_on.tasks {sorted(set(select_on.tasks) & set(tasks))} are also reported "
+                         "tasks: choose alpha on held-out documents (e.g. configs/tasks/*_val.yaml)")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(finetuned, trust_remote_code=trust_remote_code)
@@ -88,20 +111,22 @@ def interpolate(
     base_state = load_causal_lm(base, dtype, trust_remote_code).state_dict()
     check_compatible(base_state, ft_state)  # before any evaluation
     model.to(device).eval()
-    specs = task_specs(tasks)
+    specs = task_specs(tasks + (select_on.tasks if select_on is not None else []))
     task_manager = task_manager_for(specs)
+    needed = [retained, downstream] + ([select_on.retained, select_on.downstream] if select_on else [])
     rows = []
     for alpha in alphas:
         model.load_state_dict(interpolated_state(base_state, ft_state, alpha))
         scores, _ = evaluate_lm(model, tokenizer, specs, batch_size, limit, max_length, add_bos_token,
                                 task_manager)
-        for key in (retained, downstream):
+        for key in needed:
             if key not in scores:
                 raise KeyError(f"metric {key!r} was not computed; the tasks give {sorted(scores)}")
         rows.append({"alpha": alpha, **scores})
         print(f"alpha={alpha:g}: {retained}={scores[retained]:.4f} {downstream}={scores[downstream]:.4f}")
     out = Path(output_dir)
-    for name, write in (("wise_ft.json", lambda p: p.write_text(json.dumps(rows, indent=2) + "\n")),
+    sweep = {"select_on": asdict(select_on) if select_on is not None else None, "rows": rows}
+    for name, write in (("wise_ft.json", lambda p: p.write_text(json.dumps(sweep, indent=2) + "\n")),
                         ("wise_ft.md", lambda p: p.write_text(to_markdown(rows))),
                         ("wise_ft.png", lambda p: plot(rows, retained, downstream, p))):
         with atomic_file(out / name) as tmp:

@@ -43,8 +43,10 @@ def sample_with_vllm(
     Sequences stop at the first of `stops` (`cfs_lightning.tokens.stop_token_ids`)."""
     vllm = _import_vllm()
     start_id = resolve_start_token(tokenizer, cfg.start_token)
+    # generation_config="vllm": vLLM's neutral defaults, not the checkpoint's generation_config.json
+    # (its repetition penalty, temperature or top-p would change the sampled distribution).
     llm = vllm.LLM(model=model, tokenizer=tokenizer.name_or_path, dtype=dtype, seed=cfg.seed,
-                   max_logprobs=max(store_topk, 1))
+                   max_logprobs=max(store_topk, 1), generation_config="vllm")
     done_seqs = done_tokens = batch = 0
     while (max_sequences is None or done_seqs < max_sequences) and (max_tokens is None or done_tokens < max_tokens):
         n = cfg.batch_size if max_sequences is None else min(cfg.batch_size, max_sequences - done_seqs)

@@ -7,8 +7,10 @@ n the number of response tokens whose perplexity exceeds `tau`:
   - `high` (the method): those n tokens get label -100;
   - `random` (control): n response tokens drawn at random (seeded by (seed, row));
   - `low` (control): the n response tokens of lowest perplexity.
-The three modes therefore mask the same count in every sequence. Sequences left without a target
-are dropped and counted. The result is written once, as task shards with provenance, and
+The three modes therefore mask the same count in every sequence. Stop tokens (the EOS that ends
+each response, `stop_token_ids`) are never masked nor counted: a model never taught where its
+answer ends would not stop. Sequences left without a target but their stop token are dropped
+and counted. The result is written once, as task shards with provenance, and
 trained on through `data.task.shards`.
 """
 
@@ -25,19 +27,20 @@ from ..loading import BaseModelArgs
 from ..sampling import GenerationError
 from ..shards import ShardOutput, provenance, write_shards
 from ..tasks import TaskSource
-from ..tokens import IGNORE_INDEX, pad_token_id
+from ..tokens import IGNORE_INDEX, pad_token_id, stop_token_ids
 from .scoring import per_token_nll
 
 Mode = Literal["high", "random", "low"]
 
 
 def mask_tokens(labels: list[int], perplexity: list[float], tau: float, mode: Mode,
-                rng: random.Random) -> tuple[list[int], int]:
+                rng: random.Random, keep: frozenset[int] = frozenset()) -> tuple[list[int], int]:
     """`labels` with the chosen response tokens set to -100, and how many were masked.
 
-    `perplexity[t - 1]` is token t's perplexity; position 0 is never a target.
+    `perplexity[t - 1]` is token t's perplexity; position 0 is never a target. Tokens whose id
+    is in `keep` (the stop tokens) are never masked and not counted.
     """
-    targets = [t for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX]
+    targets = [t for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX and labels[t] not in keep]
     n = sum(perplexity[t - 1] > tau for t in targets)
     if mode == "high":
         chosen = [t for t in targets if perplexity[t - 1] > tau]
@@ -71,6 +74,7 @@ def token_mask(
     if mode not in ("high", "random", "low"):
         raise GenerationError(f"mode must be 'high', 'random' or 'low', got {mode!r}")
     data = task.tokenize(task.load(task.split), tokenizer)
+    stops = frozenset(stop_token_ids(tokenizer, model))
     stats = {"sequences": len(data), "response_tokens": 0, "masked_tokens": 0, "dropped": 0}
     manifest = {
         **provenance(tokenizer, model, kind="task"), "source": "token_mask",
@@ -85,10 +89,10 @@ def token_mask(
             kept = []
             for i, (ids, labels, nll) in enumerate(zip(rows["input_ids"], rows["labels"], scores, strict=True)):
                 ppl = [math.exp(x) for x in nll]
-                masked, n = mask_tokens(labels, ppl, tau, mode, random.Random(seed * 1_000_003 + start + i))
+                masked, n = mask_tokens(labels, ppl, tau, mode, random.Random(seed * 1_000_003 + start + i), stops)
                 stats["response_tokens"] += sum(x != IGNORE_INDEX for x in labels[1:])
                 stats["masked_tokens"] += n
-                if all(x == IGNORE_INDEX for x in masked[1:]):
+                if all(x == IGNORE_INDEX or x in stops for x in masked[1:]):  # nothing but the stop
                     stats["dropped"] += 1
                     continue
                 kept.append({"input_ids": ids, "labels": masked})

@@ -12,6 +12,11 @@ A rerun with the same settings resumes: unrecorded files (a shard killed mid-wri
 but not yet journaled) are deleted, and the stream is asked only for the records after those on
 disk. A rerun of a finished directory with the same settings does nothing and says so. Readers
 only ever open `out`, which holds a manifest that matches its shards (`shards.verify_shards`).
+
+One writer at a time: the writer (rank 0 of a distributed one) holds the lock file `out.lock`
+from before it looks at `out` until the set is in place. A second writer of the same `out` (a
+job submitted twice) is refused at once, naming the first's pid and host; a lock left by a
+process that is gone is taken over with a warning (`io.exclusive_lock`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch.distributed as dist
 from datasets import Dataset, Features
 from datasets.arrow_writer import ArrowWriter
 
-from ..io import atomic_file, fsync, sha256_file, write_text
+from ..io import atomic_file, exclusive_lock, fsync, sha256_file, write_text
 from .manifest import COLUMNS, FORMAT, MANIFEST, ReplayIntegrityError, read_manifest
 
 log = logging.getLogger(__name__)
@@ -78,24 +83,30 @@ def write_shards(
     partial = out.with_name(out.name + ".partial")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     request = _request(manifest, shard_size, world if distributed else None)
-    finished = _on_rank0(lambda: _prepare(out, partial, request, overwrite), distributed)
-    if finished is not None:
-        if rank == 0:
-            print(f"{out} is already complete ({finished['num_sequences']} sequences): nothing to do")
-        return finished
-    prefix = f"shard-r{rank:03d}-" if distributed else "shard-"
-    journal = Journal(partial / (f"progress-r{rank:03d}.json" if distributed else "progress.json"), request)
-    journal.load_or_start(prefix)
-    try:
-        _write(partial, batches, journal, shard_size, prefix)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            partial.rmdir()  # only if nothing was recorded: work on disk waits for a rerun
-        raise
-    if distributed:
-        dist.barrier()  # every rank's journal is final
-    return _on_rank0(lambda: _finish(out, partial, manifest, request, world if distributed else None),
-                     distributed)
+    with contextlib.ExitStack() as held:  # rank 0's lock on `out`, until the set is in place
+
+        def prepare() -> dict | None:
+            held.enter_context(exclusive_lock(out.with_name(out.name + ".lock"), f"the shard directory {out}"))
+            return _prepare(out, partial, request, overwrite)
+
+        finished = _on_rank0(prepare, distributed)
+        if finished is not None:
+            if rank == 0:
+                print(f"{out} is already complete ({finished['num_sequences']} sequences): nothing to do")
+            return finished
+        prefix = f"shard-r{rank:03d}-" if distributed else "shard-"
+        journal = Journal(partial / (f"progress-r{rank:03d}.json" if distributed else "progress.json"), request)
+        journal.load_or_start(prefix)
+        try:
+            _write(partial, batches, journal, shard_size, prefix)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                partial.rmdir()  # only if nothing was recorded: work on disk waits for a rerun
+            raise
+        if distributed:
+            dist.barrier()  # every rank's journal is final
+        return _on_rank0(lambda: _finish(out, partial, manifest, request, world if distributed else None),
+                         distributed)
 
 
 def _on_rank0(fn: Callable[[], object], distributed: bool):

@@ -1,9 +1,20 @@
 """Token-level losses: the NLL shared by the task loss, replay NLL and validation, the DFT task
-loss, and a chunked per-position mean for full-vocabulary divergences."""
+loss, and a chunked per-position mean for full-vocabulary divergences.
+
+Every training term is a sum over a batch's target positions divided by a normalizer
+(`NORMALIZATIONS`, the module's `normalize`): `token` divides by the number of target tokens, a
+mean in nats per token (the default); `sequence` divides by the number of sequences that have a
+target, a mean over sequences of each sequence's summed loss, in nats per sequence: the
+expectation over sequences that the CFS objective E_F[-log p(y|x)] + lambda E_x[-log p(x)]
+writes (arXiv 2505.13811). Under `token`, each term is a per-token mean of its own stream, so
+a replay weight lambda_token equals the paper's lambda_sequence x (mean replay length / mean
+response length) in tokens.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,20 +57,33 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     return nll.sum(), mask.sum()
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of (B, T) `values` over the target positions `mask`; refuses a batch with none."""
-    count = mask.sum()
+Normalization = Literal["token", "sequence"]
+NORMALIZATIONS = ("token", "sequence")
+
+
+def normalizer(mask: torch.Tensor, per: Normalization = "token") -> torch.Tensor:
+    """What a sum over the (B, T) target positions `mask` is divided by: their number (`token`)
+    or the number of rows with at least one (`sequence`); refuses a batch with none."""
+    if per not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {per!r}")
+    count = mask.sum() if per == "token" else mask.any(-1).sum()
     if count == 0:
         raise ValueError("a batch has no target token (every label is IGNORE_INDEX)")
-    return (values * mask).sum() / count
+    return count
 
 
-def mean_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL over target tokens, in nats per token."""
-    return masked_mean(*per_token_nll(logits, labels))
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, per: Normalization = "token") -> torch.Tensor:
+    """Sum of (B, T) `values` over the target positions `mask`, per target token or per sequence
+    (`normalizer`)."""
+    return (values * mask).sum() / normalizer(mask, per)
 
 
-def dft_weighted(nll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def mean_token_nll(logits: torch.Tensor, labels: torch.Tensor, per: Normalization = "token") -> torch.Tensor:
+    """Next-token NLL summed over target tokens, in nats per token (or per sequence: `per`)."""
+    return masked_mean(*per_token_nll(logits, labels), per)
+
+
+def dft_weighted(nll: torch.Tensor, mask: torch.Tensor, per: Normalization = "token") -> torch.Tensor:
     """Dynamic Fine-Tuning's loss (arXiv 2508.05629): mean over targets of sg(p) * NLL.
 
     Each target token's NLL is scaled by the model's own probability of that token,
@@ -70,8 +94,9 @@ def dft_weighted(nll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     Args:
         nll: (B, T) per-position NLL from `per_token_nll`.
         mask: (B, T) target positions.
+        per: `token` (TRL's mean) or `sequence` (`normalizer`).
     """
-    return masked_mean(nll * torch.exp(-nll.detach()), mask)
+    return masked_mean(nll * torch.exp(-nll.detach()), mask, per)
 
 
 def chunked_target_mean(
@@ -79,8 +104,10 @@ def chunked_target_mean(
     labels: torch.Tensor,
     *inputs: torch.Tensor,
     chunk_size: int | None = None,
+    per: Normalization = "token",
 ) -> torch.Tensor:
-    """Mean of `per_token(*chunk_of_inputs)` over target positions, a chunk of positions at a time.
+    """Mean of `per_token(*chunk_of_inputs)` over target positions, a chunk of positions at a time
+    (the sum over target positions, per target token or per sequence: `normalizer`).
 
     Position t counts when labels[:, t + 1] is a target. Each input is (B, T, ...) and is sliced
     along T; every chunk runs under activation checkpointing, so its (B, chunk, V)-sized
@@ -91,11 +118,10 @@ def chunked_target_mean(
         per_token: Maps input chunks to a (B, chunk) tensor of per-position values.
         labels: (B, T) targets, IGNORE_INDEX where no loss is taken.
         chunk_size: Positions per chunk; None: the whole sequence at once.
+        per: `token` or `sequence` (`normalizer`).
     """
     valid = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts target t+1
-    count = valid.sum()
-    if count == 0:
-        raise ValueError("a batch has no target token (every label is IGNORE_INDEX)")
+    count = normalizer(valid, per)
     width = valid.size(1)
     step = chunk_size or width
 

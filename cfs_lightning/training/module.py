@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 from ..loading import load_causal_lm
 from ..shards import check_model
 from .lora import LoRA, apply_lora, save_merged, unwrap
-from .losses import dft_weighted, masked_mean, per_token_nll, token_nll
+from .losses import NORMALIZATIONS, dft_weighted, masked_mean, per_token_nll, token_nll
 from .meter import forgetting_kl, meter_source
 from .reference import FrozenReference, resolve_reference_mode
 from .regularizers import NLLReplay, Regularizer
@@ -36,6 +36,15 @@ VAL_KEYS = {"task": "task_loss", "replay": "replay_nll"}
 METER_KEYS = {"task": "task_kl", "replay": "replay_kl"}
 """The forgetting meter's key per stream: `val/task_kl`, `val/replay_kl` (KL(p_base || p_theta),
 nats per token; `meter.py`)."""
+
+READERS = {
+    "replay": "add NLLReplay, KLToReference (on: replay) or KLFromCachedTopK, or set data.replay_ratio "
+              "to 0 (the held-out replay is still validated)",
+    "onpolicy": "add KLToReference (on: onpolicy) or SelfDistillation, or remove the callback",
+    "onpolicy_teacher": "add SelfDistillation, which reads the teacher's view, or set "
+                        "OnlineReplay.demonstrations to false",
+}
+"""What reads each stream, for the error that refuses a stream nothing reads."""
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +82,7 @@ class CausalLMFineTuner(L.LightningModule):
         lora: LoRA | None = None,
         nonfinite: Literal["stop", "skip"] = "stop",
         task_loss: Literal["nll", "dft", "none"] = "nll",
+        normalize: Literal["token", "sequence"] = "token",
     ) -> None:
         """
         Args:
@@ -104,12 +114,22 @@ class CausalLMFineTuner(L.LightningModule):
                 batch is only a source of prompts and the regularizers are the whole loss
                 (SDFT, `SelfDistillation`: configs/toy/methods/sdft.yaml); `train/task_loss` is
                 still logged, computed without a gradient.
+            normalize: What the task loss and every regularizer's term, each a sum over its
+                stream's target positions, are divided by: `token`, the number of target tokens
+                (nats per token, each stream averaged on its own), or `sequence`, the number of
+                sequences (each sequence's summed loss averaged over sequences: the CFS
+                objective E_F[-log p(y|x)] + lambda E_x[-log p(x)] of arXiv 2505.13811, as
+                configs/paper/ uses). A replay weight under `token` equals one under `sequence`
+                times (mean replay length / mean response length), in tokens. `train/*` keys
+                are in the chosen unit; validation stays per token. See docs/methods.md.
         """
         super().__init__()
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"model.nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         if task_loss not in TASK_LOSSES:
             raise ValueError(f"model.task_loss must be one of {TASK_LOSSES}, got {task_loss!r}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"model.normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         if task_loss == "none" and not any(r.adds_term for r in regularizers or []):
             raise ValueError("model.task_loss=none leaves no loss without a regularizer that adds a term "
                              "(e.g. SelfDistillation); add one, or use task_loss nll or dft")
@@ -175,11 +195,29 @@ class CausalLMFineTuner(L.LightningModule):
         listed = getattr(self.trainer.datamodule, "shard_manifests", {})
         for where, (manifest, waiver) in listed.items():
             check_model(manifest, self.hf_model, where, waiver)
+        self._check_streams_are_read()
         # A callback that samples from the frozen reference (`OnlineReplay`) declares
         # `needs_reference`; the reference is then built here, from the initial weights.
         if self.reference is None and any(getattr(cb, "needs_reference", False) for cb in self.trainer.callbacks):
             mode = resolve_reference_mode(self.hparams.reference, True, self.lora is not None)
             self.reference = FrozenReference(self.model, mode)
+
+    def _check_streams_are_read(self) -> None:
+        """Refuse a stream that the data or a callback adds to every training batch and no loss
+        term reads: it would be built (sampled, loaded, moved) and discarded every step."""
+        producers = {s: f"data.replay_ratio={self.trainer.datamodule.replay_ratio}"
+                     for s in getattr(self.trainer.datamodule, "train_streams", ()) if s != "task"}
+        for cb in self.trainer.callbacks:
+            for s in getattr(cb, "streams", ()):
+                producers.setdefault(s, f"the {type(cb).__name__} callback (stream: {s})")
+        read = {s for r in self.regularizers if r.adds_term for s in r.reads}
+        for stream, producer in producers.items():
+            if stream not in read:
+                terms = [r.name for r in self.regularizers] or "none"
+                raise ValueError(
+                    f"{producer} adds a `{stream}` stream to every training batch, but no regularizer "
+                    f"reads it (regularizers: {terms}); {READERS.get(stream, 'add a regularizer that reads it')}"
+                )
 
     def configure_model(self) -> None:
         # FSDP2 (ModelParallelStrategy) hands us a device mesh: shard per decoder block here,
@@ -193,6 +231,7 @@ class CausalLMFineTuner(L.LightningModule):
         # (possibly sharded) form and before a checkpoint is restored over it.
         if self._trainer is not None and self.trainer.state.fn == "fit":
             for reg in self.regularizers:
+                reg.normalize = self.hparams.normalize  # every term normalized as the task loss is
                 reg.setup(self)
 
     def _data_parallel_mesh(self) -> DeviceMesh:
@@ -221,11 +260,12 @@ class CausalLMFineTuner(L.LightningModule):
         if "task" not in outputs:  # task_loss none: the task NLL is only logged
             with torch.no_grad():
                 outputs["task"] = self._logits(batch, {"task"})["task"]
+        per = self.hparams.normalize
         nll, mask = per_token_nll(outputs["task"], batch["task"]["labels"])
-        logs = {"train/task_loss": masked_mean(nll, mask)}
+        logs = {"train/task_loss": masked_mean(nll, mask, per)}
         sources = {"train/task_loss": ("task",)}
         if self.hparams.task_loss == "dft":
-            logs["train/task_dft"], sources["train/task_dft"] = dft_weighted(nll, mask), ("task",)
+            logs["train/task_dft"], sources["train/task_dft"] = dft_weighted(nll, mask, per), ("task",)
         loss = (logs["train/task_dft"] if self.hparams.task_loss == "dft" else
                 logs["train/task_loss"] if trained else 0.0)
         for reg in terms:

@@ -11,6 +11,8 @@ import lightning as L
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ..losses import Normalization
+
 
 def _snake_case(name: str) -> str:
     """`NLLReplay` -> `nll_replay`, `KLToReference` -> `kl_to_reference`."""
@@ -55,10 +57,12 @@ class Regularizer:
       - `on_train_end(module)` runs once when training ends, before the model is exported.
       - `state_dict()` / `load_state_dict(state)`: state saved in and restored from checkpoints.
 
-    Subclasses set `streams` to the batch streams whose logits they read, `needs_reference` when
-    they read the module's frozen reference model, `adds_term = False` when they add nothing
-    to the loss (weight averaging), and `per_parameter_state` when they keep a tensor per
-    parameter.
+    Subclasses set `streams` to the batch streams whose logits they read (and `reads` when they
+    also read a stream without its logits, as `SelfDistillation` reads the teacher's view; a
+    stream that the data or a callback adds and no term reads is refused at fit start),
+    `needs_reference` when they read the module's frozen reference model, `adds_term = False`
+    when they add nothing to the loss (weight averaging), and `per_parameter_state` when they
+    keep a tensor per parameter.
     """
 
     streams: tuple[str, ...] = ()
@@ -67,6 +71,15 @@ class Regularizer:
     per_parameter_state: bool = False
     """Keeps a tensor per trainable parameter (theta_0, an average): per-shard under FSDP2, not
     supported by FSDP1's flattened shards."""
+    normalize: Normalization = "token"
+    """What a term summed over target positions is divided by (`losses.normalizer`): `token` or
+    `sequence`. The module sets it from its own `normalize` before `setup`, so that every term
+    and the task loss are normalized alike."""
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """Every batch stream the term reads: by default the streams whose logits it takes."""
+        return self.streams
 
     def __init__(self, weight: float = 1.0, name: str | None = None) -> None:
         """

@@ -86,4 +86,4 @@ class KLFromCachedTopK(Regularizer):
                 raise ValueError(f"{self.name}: k={self.k} but the shards cache only {ids.size(-1)} tokens")
             ids, logprobs = ids[..., : self.k], logprobs[..., : self.k]
         return chunked_target_mean(topk_forward_kl, replay["labels"], outputs["replay"], ids, logprobs,
-                                   chunk_size=self.chunk_size)
+                                   chunk_size=self.chunk_size, per=self.normalize)

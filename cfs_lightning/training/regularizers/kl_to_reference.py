@@ -58,6 +58,9 @@ def token_divergence(
         JSD_beta = beta * KL(p_ref || M) + (1 - beta) * KL(p_theta || M). As in TRL the endpoints
         are defined as the KLs themselves: beta=0 is forward KL(p_ref || p_theta), beta=1 is
         reverse KL(p_theta || p_ref); beta=0.5 is the symmetric Jensen-Shannon divergence.
+        The divergence is therefore discontinuous at both ends: for beta in (0, 1) it is at most
+        the binary entropy -beta log(beta) - (1 - beta) log(1 - beta) nats, which tends to 0 as
+        beta approaches 0 or 1, while at 0 and 1 it jumps to a KL, which can be many nats.
 
     Args:
         logits: (..., V) trainable-model logits.
@@ -123,7 +126,10 @@ class KLToReference(Regularizer):
                 (`"on": task`): YAML 1.1 reads a bare `on` as true.
             direction: `forward` = KL(p_ref || p_theta), `reverse` = KL(p_theta || p_ref).
             beta: Generalised JSD interpolation in [0, 1] (TRL GKD convention); overrides
-                `direction`, so leave that at `forward` when setting it.
+                `direction`, so leave that at `forward` when setting it. The term jumps at both
+                ends: JSD_beta tends to 0 as beta -> 0 or 1 (M tends to one of the two
+                distributions), but beta=0 and beta=1 are the forward and reverse KLs
+                themselves (`token_divergence`).
             temperature: Both distributions are softened by this temperature.
             chunk_size: Positions per chunk of the divergence; None: the whole sequence at once.
             name: Log key suffix; default `kl_to_reference`.
@@ -162,7 +168,8 @@ class KLToReference(Regularizer):
             hidden: (B, T, H) reference hidden states; `self.reference.logits` maps them to logits.
             labels: (B, T) targets, IGNORE_INDEX where no loss is taken.
         """
-        return chunked_target_mean(self._per_token, labels, logits, hidden, chunk_size=self.chunk_size)
+        return chunked_target_mean(self._per_token, labels, logits, hidden, chunk_size=self.chunk_size,
+                                   per=self.normalize)
 
     def _per_token(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         ref_logits = self.reference.logits(hidden)  # (B, chunk, V), no grad

@@ -85,8 +85,9 @@ class L2ToInit(Regularizer):
                 p0 = p0.to(local.device, non_blocking=True)
                 if not self.offload:  # the model was placed on its device after setup: move once
                     self.initial[i] = p0
-            if isinstance(p, DTensor):
-                p0 = DTensor.from_local(p0, p.device_mesh, p.placements, run_check=False)
+            if isinstance(p, DTensor):  # the global shape: shards of unevenly split dims differ in size
+                p0 = DTensor.from_local(p0, p.device_mesh, p.placements, run_check=False,
+                                        shape=p.shape, stride=p.stride())
             diff = p - p0
             sq = diff.to(torch.promote_types(diff.dtype, torch.float32)).pow(2).sum()
             if isinstance(sq, DTensor):

@@ -9,7 +9,8 @@ from .base import Regularizer
 
 
 class NLLReplay(Regularizer):
-    """Mean NLL of the trainable model over every non-padding token of the replay batch.
+    """Mean NLL of the trainable model over every non-padding token of the replay batch (per
+    token, or with `normalize: sequence` each sequence's summed NLL averaged over sequences).
 
     On sequences sampled from the base model this is a Monte Carlo estimate of
     KL(p_base || p_theta) plus the base model's entropy (a constant), so minimising it anchors the
@@ -19,4 +20,4 @@ class NLLReplay(Regularizer):
     streams = ("replay",)
 
     def __call__(self, batch: dict, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return mean_token_nll(outputs["replay"], batch["replay"]["labels"])
+        return mean_token_nll(outputs["replay"], batch["replay"]["labels"], self.normalize)

@@ -7,7 +7,8 @@ from typing import Literal
 
 import torch
 
-from ..losses import chunked_target_mean, target_positions
+from ...tokens import eval_mode
+from ..losses import chunked_target_mean, normalizer, target_positions
 from .base import Regularizer
 from .kl_to_reference import token_divergence
 
@@ -42,6 +43,7 @@ class SelfDistillation(Regularizer):
     """
 
     streams = ("onpolicy",)
+    reads = ("onpolicy", "onpolicy_teacher")
 
     def __init__(
         self,
@@ -58,11 +60,14 @@ class SelfDistillation(Regularizer):
         Args:
             weight: Multiplier of this term in the loss.
             teacher: `base` (the frozen reference with the demonstration in context) or `live`
-                (the weights being trained, with the demonstration in context, no gradient).
+                (the weights being trained, with the demonstration in context, in eval mode
+                and without gradient).
             direction: `reverse` = KL(p_student || p_teacher) (the paper's), `forward` =
                 KL(p_teacher || p_student).
             beta: Generalised JSD in [0, 1] instead of a KL (beta=0 forward, 1 reverse, as in
-                TRL); leave `direction` at its default when setting it.
+                TRL); leave `direction` at its default when setting it. The term jumps at both
+                ends: JSD_beta tends to 0 as beta -> 0 or 1, but beta=0 and beta=1 are the
+                KLs themselves (`token_divergence`).
             temperature: Both distributions are softened by this temperature.
             skip_tokens: The first response tokens of each row that take no loss (TRL
                 `num_loss_tokens_to_skip`).
@@ -87,10 +92,16 @@ class SelfDistillation(Regularizer):
         self.teacher, self.direction, self.beta = teacher, direction, beta
         self.temperature, self.skip_tokens, self.chunk_size = temperature, skip_tokens, chunk_size
         self.needs_reference = teacher == "base"
-        self.reference, self._live = None, None
+        self.reference, self._module = None, None
 
     def setup(self, module) -> None:
-        self.reference, self._live = module.reference, module.forward
+        self.reference, self._module = module.reference, module
+
+    def _live_teacher(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) logits of the weights being trained, in eval mode (dropout off, as a teacher
+        runs in TRL) and without gradient; the model's train mode is restored after."""
+        with torch.no_grad(), eval_mode(self._module.model):
+            return self._module(input_ids, attention_mask)
 
     def __call__(self, batch: dict, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         if "onpolicy_teacher" not in batch:
@@ -107,8 +118,7 @@ class SelfDistillation(Regularizer):
             hidden = self.reference.hidden_states(teacher["input_ids"], teacher["attention_mask"])[t_pos]
             head = self.reference.logits
         else:
-            with torch.no_grad():
-                hidden = self._live(teacher["input_ids"], teacher["attention_mask"])[t_pos]
+            hidden = self._live_teacher(teacher["input_ids"], teacher["attention_mask"])[t_pos]
             head = None
         targets = torch.zeros(1, logits.size(0) + 1, dtype=torch.long, device=logits.device)  # all count
 
@@ -117,4 +127,8 @@ class SelfDistillation(Regularizer):
             return token_divergence(chunk, ref, self.direction if self.beta is None else "forward",
                                     self.beta, self.temperature)
 
-        return chunked_target_mean(per_token, targets, logits[None], hidden[None], chunk_size=self.chunk_size)
+        mean = chunked_target_mean(per_token, targets, logits[None], hidden[None], chunk_size=self.chunk_size)
+        if self.normalize == "token":
+            return mean
+        # The rows were flattened into one: the same sum, divided by the student's rows instead.
+        return mean * s_pos.sum() / normalizer(s_pos, self.normalize)
