@@ -1,5 +1,6 @@
 """Generation-side figures: context-free sampling against a teacher-forced forward pass over the
-same sequences (its bound) and against sampling one sequence at a time."""
+same sequences (its bound) and against sampling one sequence at a time; and what the exact
+(float64) inverse-CDF draw costs against a float32 one at real vocabulary sizes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from harness import Setting, figure, interleaved, ratios
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cfs_lightning.sampling import SamplingConfig, sample_context_free
+from cfs_lightning.sampling import InverseCDFSampler, SamplingConfig, sample_context_free
 
 SINGLE = 2
 """Sequences the one-at-a-time loop samples per repetition (it is the slow arm)."""
@@ -73,3 +74,40 @@ def generation_figures(setting: Setting, model_dir: Path, batch_size: int, new_t
         figures.append(figure(f"generation tok/s (batch {large_batch}) / teacher-forced forward tok/s",
                               ratios(rates, "large batch", "large forward"), None, ">="))
     return figures, rates
+
+
+VOCABULARIES = {"SmolLM2": 49_152, "Qwen3": 151_936, "Gemma 3": 262_144}
+"""Output-head widths the sampler draws over."""
+
+
+def float32_draw(scores: torch.Tensor) -> torch.Tensor:
+    """The reference arm: the same inverse-CDF draw with a float32 softmax and cumulative sum,
+    whose intervals are rounded to ~6e-8 (`InverseCDFSampler` explains why it is not used)."""
+    cdf = scores.float().softmax(-1).cumsum_(-1)
+    draw = torch.rand(cdf.size(0), 1, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, draw, right=True)
+
+
+def sampler_figures(setting: Setting, batch_size: int) -> tuple[list[dict], dict]:
+    """Seconds per draw of a (batch_size, V) batch of scores: the exact sampler / float32, per V."""
+    figures, times = [], {}
+    for name, vocab in VOCABULARIES.items():
+        scores = torch.randn(batch_size, vocab, device=setting.device) * 3
+
+        def timed(draw):
+            def arm(rep: int) -> float:
+                setting.sync()
+                start = time.perf_counter()
+                for _ in range(5):
+                    draw(scores)
+                setting.sync()
+                return (time.perf_counter() - start) / 5
+            return arm
+
+        timed(float32_draw)(-1)  # warm-up
+        rates = interleaved({"exact": timed(lambda s: InverseCDFSampler()(None, s)),
+                             "float32": timed(float32_draw)}, setting.repeats)
+        times[name] = rates
+        figures.append(figure(f"sampler draw, float64 sums / float32 ({name}, {vocab:,} tokens, batch {batch_size})",
+                              ratios(rates, "exact", "float32"), None, "<="))
+    return figures, times

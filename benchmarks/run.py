@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generation import generation_figures  # noqa: E402
+from generation import generation_figures, sampler_figures  # noqa: E402
 from harness import Setting, build_model_dir, figure, ratios, task_batch  # noqa: E402
 from training import (loader_figure, memory_figures, mfu_figure, scratch, step_figures, step_times,  # noqa: E402
                       topk_replay)
@@ -83,6 +83,8 @@ def main() -> None:
     gen, rates = generation_figures(setting, model_dir, args.gen_batch, args.gen_tokens, args.gen_batch_large)
     figures += gen
     raw["generation_tokens_per_s"] = rates
+    draws, raw["sampler_seconds"] = sampler_figures(setting, args.gen_batch)
+    figures += draws
 
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     gen_ids = torch.Generator().manual_seed(1)

@@ -23,6 +23,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from peft import PeftModel
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
@@ -87,10 +88,11 @@ def _not_turn_end(tokenizer: PreTrainedTokenizerBase, separator: str) -> str:
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase,
-                   source: PreTrainedModel | GenerationConfig | None = None) -> list[int]:
+                   source: PreTrainedModel | PeftModel | GenerationConfig | None = None) -> list[int]:
     """The ids sampling stops at: the tokenizer's EOS, then every `eos_token_id` the model's
-    generation config declares (`source`: the model or its `GenerationConfig`), without repeats."""
-    config = source.generation_config if isinstance(source, PreTrainedModel) else source
+    generation config declares (`source`: the model, also inside a LoRA wrapper, or its
+    `GenerationConfig`), without repeats."""
+    config = source.generation_config if isinstance(source, (PreTrainedModel, PeftModel)) else source
     declared = getattr(config, "eos_token_id", None) if config is not None else None
     if isinstance(declared, int):
         declared = [declared]

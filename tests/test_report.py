@@ -173,6 +173,12 @@ def test_the_forgetting_meter_is_plotted_against_retained_with_its_correlation(r
     assert m["pearson_r"] == pytest.approx(1.0)
     assert "val/task_kl" not in s["meter"]
     assert "meter.png" in s["plots"] and (tmp_path / "r" / "meter.png").stat().st_size > 0
-    assert "over 3 runs: Pearson r = 1.00" in (tmp_path / "r" / "results.md").read_text()
+    assert "over 3 runs of 3 methods: Pearson r = 1.00" in (tmp_path / "r" / "results.md").read_text()
     plain = report(str(runs / "ft"), RET, DOWN, output_dir=str(tmp_path / "p"))
     assert plain["meter"] == {} and "meter.png" not in plain["plots"]
+    for seed, (kl, ret) in enumerate(((0.9, 3.1), (0.5, 2.6), (0.1, 2.1))):  # one method's seeds only
+        _fit_run(tmp_path / "one" / "kl" / f"seed{seed}", [(2.5, 0.5), (ret, 0.6)], [2.2, 2.3], meter=[kl / 2, kl])
+    _fit_run(tmp_path / "one" / "ft" / "seed0", [(2.5, 0.5), (3.1, 0.6)], [2.2, 2.3])
+    alone = report(str(tmp_path / "one"), RET, DOWN, output_dir=str(tmp_path / "o"))
+    assert alone["meter"]["val/replay_kl"]["pearson_r"] is None  # a correlation of one method's seeds
+    assert "over 3 runs of 1 method: Pearson r = n/a" in (tmp_path / "o" / "results.md").read_text()

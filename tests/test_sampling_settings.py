@@ -171,3 +171,20 @@ def test_every_token_of_a_thin_tail_can_be_drawn(monkeypatch):
                         lambda *size, device=None, dtype=torch.float32: grid.to(dtype).reshape(size))
     drawn = InverseCDFSampler()(None, logits).argmax(-1)
     assert drawn.min() >= 1 and drawn.unique().numel() >= 0.99 * tail
+
+
+def test_a_lora_wrapper_keeps_the_stop_tokens_and_loses_the_other_settings(opinionated_dir, tokens):
+    """The frozen reference of a LoRA fit (`adapters_disabled`) is sampled through its peft
+    wrapper: the generation config's stop tokens still count, its other settings still do not."""
+    from cfs_lightning.tokens import stop_token_ids
+    from cfs_lightning.training.lora import LoRA, apply_lora
+
+    tok = AutoTokenizer.from_pretrained(opinionated_dir)
+    model = with_head(AutoModelForCausalLM.from_pretrained(opinionated_dir), head_probs(tokens, tok.eos_token_id))
+    model.generation_config.eos_token_id = [tok.eos_token_id, tokens["w"]]
+    wrapped = apply_lora(model, LoRA(r=2)).eval()
+    assert stop_token_ids(tok, wrapped) == [tok.eos_token_id, tokens["w"]]
+    cfg = SamplingConfig(max_new_tokens=16, batch_size=32, seed=4)
+    rows = [r["input_ids"][1:] for b in sample_context_free(wrapped, tok, cfg, 32, None) for r in b]
+    assert repeats_x(rows, tokens["x"]) and any(r[-1] == tokens["w"] for r in rows)
+    assert wrapped.get_base_model().generation_config.suppress_tokens == [tokens["x"]]  # put back

@@ -38,6 +38,7 @@ class OnlineReplay(L.Callback):
     prompts with `prompts: task`) and seeded by (sampling.seed, (r * A + m) * W + q): the A
     micro-batches of a step see different rows, as A steps without accumulation would, at A
     times the sampling per round.
+
     Sharded strategies (FSDP, FSDP2) are refused: generation from a sharded model needs every rank
     in every step and is not supported here; use cached replay (`cfs generate`) there.
 
@@ -97,7 +98,7 @@ class OnlineReplay(L.Callback):
         self.streams = (stream, f"{stream}_teacher") if demonstrations else (stream,)
         """The batch streams this callback adds rows to (a regularizer must read each)."""
         self.needs_reference = sampler == "reference"  # the module builds one at fit start
-        self.rounds = 0
+        self.rounds = 0  # pools sampled so far (one per round, times the accumulation)
         self._pools: dict[int, list[dict]] = {}  # micro-batch index within a step -> its pool
         self._rounds: dict[int, int] = {}  # micro-batch index -> the round its pool was sampled for
 

@@ -305,8 +305,10 @@ def to_markdown(s: dict) -> str:
                          + "); the row gives that α's scores on the table's tasks.")
     for key, m in s.get("meter", {}).items():
         r = "n/a" if m["pearson_r"] is None else f"{m['pearson_r']:.2f}"
+        methods = len({p[2] for p in m["points"]})
         lines.append(f"Forgetting meter: `{key}` at the last validation against the final retained "
-                     f"score, over {len(m['points'])} runs: Pearson r = {r} (`meter.png`).")
+                     f"score, over {len(m['points'])} runs of {methods} method{'s' * (methods > 1)}: "
+                     f"Pearson r = {r} (`meter.png`; computed across at least two methods).")
     return "\n".join(lines) + "\n"
 
 
@@ -439,13 +441,17 @@ def _plots(runs: list[Run], s: dict, out: Path, sweep_label: str | None = None) 
 
 def meter_summary(runs: list[Run], retained: str) -> dict[str, dict]:
     """Per meter key logged by any run: each run's last value beside its final retained score
-    (`points`: [meter, retained, method]) and their Pearson correlation over the runs."""
+    (`points`: [meter, retained, method]) and their Pearson correlation over the runs, when they
+    come from at least two methods (the meter is to tell methods apart; the seeds of one method
+    alone give a correlation of their noise)."""
     found = {}
     for key in METER:
         points = [[run.curves[key][-1][1], run.evals[-1][retained], run.method] for run in runs
                   if key in run.curves and run.evals and retained in run.evals[-1]]
         if points:
-            found[key] = {"points": points, "pearson_r": _pearson([p[0] for p in points], [p[1] for p in points])}
+            across = len({p[2] for p in points}) >= 2
+            found[key] = {"points": points, "pearson_r": _pearson([p[0] for p in points], [p[1] for p in points])
+                          if across else None}
     return found
 
 
