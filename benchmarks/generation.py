@@ -85,7 +85,8 @@ def float32_draw(scores: torch.Tensor) -> torch.Tensor:
     whose intervals are rounded to ~6e-8 (`InverseCDFSampler` explains why it is not used)."""
     cdf = scores.float().softmax(-1).cumsum_(-1)
     draw = torch.rand(cdf.size(0), 1, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, draw, right=True)
+    token = torch.searchsorted(cdf, draw, right=True).clamp_(max=cdf.size(-1) - 1)
+    return torch.full_like(scores, float("-inf")).scatter_(-1, token, 0.0)  # as the sampler returns it
 
 
 def sampler_figures(setting: Setting, batch_size: int) -> tuple[list[dict], dict]:

@@ -211,8 +211,8 @@ class InverseCDFSampler(LogitsProcessor):
     distribution 9e-4 away in total variation, with 3e-4 of the mass on tokens that could never
     be drawn; in float64 the distance is 2e-8 (float32's own rounding of each probability), and
     every token of positive float32 weight can be drawn. It costs a (B, V) float64 cumulative
-    sum: at batch 64 on 2 CPU cores, 5.2 against 4.5 ms per step for 49k tokens, 39 against 24 ms
-    for 152k and 66 against 41 ms for 262k.
+    sum: on 2 CPU cores at batch 64 a draw took 1.35x / 1.49x / 1.43x a float32 one, +0.9 / +14 /
+    +22 ms per step for 49k / 152k / 262k tokens (`benchmarks/run.py`, its sampler rows).
     """
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
