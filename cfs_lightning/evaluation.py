@@ -153,15 +153,36 @@ def evaluate_lm(
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     lm = DistributedHFLM(**kwargs, sharded=sharded) if distributed else HFLM(**kwargs)
     py_state, np_state = random.getstate(), np.random.get_state()
+    chat = [t for t in tasks if uses_chat_template(t)]
+    if chat and not tokenizer.chat_template:
+        raise ValueError(
+            f"task(s) {[t['task'] for t in chat]} ask for the model's chat template (metadata.chat_template: "
+            f"true) but tokenizer {tokenizer.name_or_path!r} has none: leave them out for a base model, "
+            "or give the tokenizer a chat_template")
+    groups = [(group, group is chat) for group in ([t for t in tasks if t not in chat], chat) if group]
+    values: dict[str, float] = {}
+    better: dict[str, bool] = {}
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            results = simple_evaluate(
-                model=lm, tasks=tasks, limit=limit, bootstrap_iters=0, log_samples=False,
-                task_manager=task_manager, random_seed=None, numpy_random_seed=None,
-                torch_random_seed=None,
-            )
+        for group, apply_chat in groups:  # lm-eval applies a chat template to all tasks of a call
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                results = simple_evaluate(
+                    model=lm, tasks=group, limit=limit, bootstrap_iters=0, log_samples=False,
+                    task_manager=task_manager, random_seed=None, numpy_random_seed=None,
+                    torch_random_seed=None, apply_chat_template=apply_chat,
+                )
+            if results is not None:
+                got = _flatten(results)
+                values.update(got[0])
+                better.update(got[1])
     finally:
         model.train(was_training)  # lm-eval calls model.eval()
         random.setstate(py_state)
         np.random.set_state(np_state)
-    return None if results is None else _flatten(results)
+    return (values, better) if values else None
+
+
+def uses_chat_template(task: str | dict) -> bool:
+    """Whether a task's prompts go through the model's chat template: a task YAML asks for it
+    with `metadata: {chat_template: true}` (an Instruct model's behaviour is measured as users
+    meet it, in chat turns)."""
+    return isinstance(task, dict) and bool(task.get("metadata", {}).get("chat_template", False))

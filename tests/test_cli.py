@@ -13,7 +13,8 @@ from cfs_lightning.shards import read_manifest
 from .conftest import REPO, write_jsonl
 
 FIT_CONFIGS = ["configs/toy/base/pretrain.yaml", "configs/toy/base/finetune.yaml",
-               "configs/toy2/base/pretrain.yaml", "configs/toy2/base/finetune.yaml"]
+               "configs/toy2/base/pretrain.yaml", "configs/toy2/base/finetune.yaml",
+               "configs/real/smollm2/finetune.yaml", "configs/real/gemma3/finetune.yaml"]
 METHODS = ["ft", "cfs-nll", "cfs-kl", "cfs-kl-topk", "l2", "ema", "lora", "lora+cfs", "cs", "real-replay",
            "self-dialogue", "online", "self-output", "rephrase", "stm", "dft", "asft", "on-policy-kl", "sdft"]
 OVERLAYS = {f"configs/toy/methods/{m}.yaml": "configs/toy/base/finetune.yaml" for m in METHODS}
@@ -35,8 +36,13 @@ FUNCTION_CONFIGS = {"configs/toy/base/init.yaml": "init", "configs/toy/data/cfs.
                     "configs/toy2/base/init.yaml": "init", "configs/toy2/data/cfs.yaml": "generate",
                     "configs/toy2/data/contextual.yaml": "contextual", "configs/toy2/data/corpus.yaml": "corpus",
                     "configs/toy2/study.yaml": "study",
-                    "configs/paper/data/olmo1b_math.yaml": "generate"}
+                    "configs/paper/data/olmo1b_math.yaml": "generate",
+                    "configs/real/smollm2/cfs.yaml": "generate", "configs/real/gemma3/cfs.yaml": "generate",
+                    "configs/real/smollm2/study.yaml": "study"}
 TASK_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/tasks").glob("*.yaml"))
+TOY_TASKS = ["configs/tasks/shakespeare_heldout.yaml", "configs/tasks/gsm8k_answers.yaml"]
+"""The toy world's evaluations, run after every method's fit (every task YAML runs in the paper
+configs' test, whose tiny tokenizer has a chat template)."""
 
 
 def test_every_yaml_is_covered():
@@ -127,7 +133,7 @@ def test_finetune_configs_fast_dev_run(method, tmp_path, monkeypatch, tiny_model
     evals = tmp_path / "evals.yaml"
     evals.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
         "class_path": "cfs_lightning.callbacks.RetainedEval",
-        "init_args": {"tasks": TASK_CONFIGS, "limit": 4, "batch_size": 4}}] + ([SAMPLERS[method]] if method in SAMPLERS else [])}}))
+        "init_args": {"tasks": TOY_TASKS, "limit": 4, "batch_size": 4}}] + ([SAMPLERS[method]] if method in SAMPLERS else [])}}))
     args = ["fit", "--config", "configs/toy/base/finetune.yaml"]
     for c in overlay + [str(evals)]:
         args += ["--config", c]
@@ -217,7 +223,9 @@ def test_paper_configs_fast_dev_run_with_a_tiny_model_of_the_same_class(config, 
     cli = run_cli(["fit", "--config", config, "--config", str(overrides)])
     assert type(cli.model.hf_model).__name__ == architecture
     assert "train/reg/nll_replay" in cli.trainer.callback_metrics
-    assert "eval/gsm8k_answers/bits_per_byte" in cli.trainer.callback_metrics
+    for metric in ("gsm8k_answers/bits_per_byte", "gsm8k_accuracy/accuracy", "analogies/acc",
+                   "prose_heldout/bits_per_byte", "capitals_chat/names_capital"):  # every task YAML ran
+        assert f"eval/{metric}" in cli.trainer.callback_metrics
     assert (tmp_path / "replay" / "manifest.json").is_file() and (tmp_path / "hf" / "config.json").is_file()
     strategy = paper["trainer"].get("strategy")
     if strategy:  # FSDP1 needs a GPU; its wrap policy is read from this very model class

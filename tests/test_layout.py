@@ -12,7 +12,7 @@ from .conftest import REPO
 PACKAGE = REPO / "cfs_lightning"
 LAYERS = [
     {"cfs_lightning", "tokens", "io", "commands", "loading"},  # leaves: import nothing of ours
-    {"chat", "evaluation"},
+    {"chat", "evaluation", "checkpoints"},
     {"tasks"},
     {"sampling", "shards"},  # the artifacts every stage shares
     {"replay", "rewrite", "data", "training"},  # the stages: none imports another

@@ -182,3 +182,18 @@ def test_the_forgetting_meter_is_plotted_against_retained_with_its_correlation(r
     alone = report(str(tmp_path / "one"), RET, DOWN, output_dir=str(tmp_path / "o"))
     assert alone["meter"]["val/replay_kl"]["pearson_r"] is None  # a correlation of one method's seeds
     assert "over 3 runs of 1 method: Pearson r = n/a" in (tmp_path / "o" / "results.md").read_text()
+
+
+def test_also_tabulates_further_metrics_and_the_baselines_change_against_its_spread(runs, tmp_path):
+    s = report([str(runs)], RET, DOWN, output_dir=str(tmp_path / "out"), baseline="ft", also=[RET, DOWN])
+    held = s["also"][RET]
+    assert held["base"] == pytest.approx(2.0)
+    assert held["methods"]["ft"] == pytest.approx((3.1, math.sqrt(0.02)))
+    assert held["methods"]["wise-ft"] == pytest.approx((2.9, 0.0))  # the chosen alpha's scores
+    assert held["change_in_std"] == pytest.approx(1.1 / math.sqrt(0.02))  # ft rose 1.1 over a 0.14 spread
+    assert s["also"][DOWN]["change_in_std"] == pytest.approx(0.5 / math.sqrt(0.02))
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert f"| method | {RET} | {DOWN} |" in table and "| ft | 3.1000 ± 0.1414 | 0.6000 ± 0.1414 |" in table
+    assert f"ft's change from the base model, in standard deviations of its seeds: {RET} 7.8, {DOWN} 3.5." in table
+    with pytest.raises(KeyError, match="'held/acc' \\(in `also`\\) was not logged"):
+        report([str(runs)], RET, DOWN, output_dir=str(tmp_path / "out2"), also=["held/acc"])

@@ -10,7 +10,7 @@ import lightning as L
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from ..shards import (
     Kind,
@@ -22,6 +22,7 @@ from ..shards import (
     read_manifest,
     require_kind,
 )
+from ..loading import load_tokenizer
 from ..tasks import TaskSource
 from ..tokens import pad_token_id
 from .collate import Collator
@@ -109,7 +110,7 @@ class ReplayDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             if self.tokenizer_name is None:
                 raise ValueError("data.tokenizer is not set (cfs fit links it from model.pretrained)")
-            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+            self.tokenizer = load_tokenizer(self.tokenizer_name)
         return self.tokenizer
 
     def prepare_data(self) -> None:

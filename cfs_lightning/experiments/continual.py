@@ -27,12 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import concatenate_datasets
-from transformers import AutoTokenizer
 
 from ..callbacks import RetainedEval
 from ..evaluation import load_task_yaml
 from ..io import atomic_file
-from ..loading import load_causal_lm
+from ..loading import load_causal_lm, load_tokenizer
 from ..replay.context_free import generate_replay
 from ..sampling import Budget, SamplingConfig
 from ..shards import load_shards, provenance, write_shards
@@ -129,7 +128,7 @@ def _stage_replay(folder: Path, start: str | None, task: TaskSource, earlier: li
     if fresh is not None:
         own = folder / "replay_fresh"
         if not (own / "manifest.json").is_file():
-            generate_replay(load_causal_lm(start), AutoTokenizer.from_pretrained(start), own, fresh.sampling,
+            generate_replay(load_causal_lm(start), load_tokenizer(start), own, fresh.sampling,
                             fresh.budget, task_size=fresh.budget.task_size(task), shard_size=fresh.shard_size)
         parts.append(str(own))
     if len(parts) == 1:
@@ -137,7 +136,7 @@ def _stage_replay(folder: Path, start: str | None, task: TaskSource, earlier: li
     merged = folder / "replay"
     if not (merged / "manifest.json").is_file():
         rows = concatenate_datasets([load_shards(p).with_format(None).select_columns(["input_ids"]) for p in parts])
-        write_shards(merged, [rows.to_list()], {**provenance(AutoTokenizer.from_pretrained(start)),
+        write_shards(merged, [rows.to_list()], {**provenance(load_tokenizer(start)),
                                                "source": "merged", "parts": parts})
     return str(merged)
 

@@ -262,6 +262,45 @@ def summarize(runs: list[Run], retained: str, downstream: str, baseline: str | N
     return out
 
 
+def summarize_also(runs: list[Run], metrics: list[str], baseline: str | None) -> dict:
+    """Further metrics beside the table's pair: each one's base score (fit start, mean over runs),
+    every method's final mean and std, and the baseline's change from the base in units of its
+    seed spread (`change_in_std`: how clearly the baseline moved; inf when the seeds agree)."""
+    fits = [r for r in runs if r.sweep is None and r.evals and r.epochs[0] == 0.0]
+    out = {}
+    for metric in metrics:
+        missing = [str(r.path) for r in runs if not r.evals or metric not in r.evals[-1]]
+        if missing:
+            raise KeyError(f"cfs report: {metric!r} (in `also`) was not logged by {missing[0]}")
+        entry = {"base": statistics.fmean(r.evals[0][metric] for r in fits), "methods": {}}
+        by_method: dict[str, list[float]] = {}
+        for run in runs:
+            by_method.setdefault(run.method, []).append(run.evals[-1][metric])
+        for name, values in by_method.items():
+            entry["methods"][name] = _mean_std(values)
+        if baseline in by_method:
+            mean, std = entry["methods"][baseline]
+            entry["change_in_std"] = abs(mean - entry["base"]) / std if std else math.inf
+        out[metric] = entry
+    return out
+
+
+def also_markdown(s: dict) -> str:
+    """The second table: every `also` metric per method, and the baseline's change against its spread."""
+    also = s.get("also") or {}
+    if not also:
+        return ""
+    metrics = list(also)
+    lines = ["| method | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|",
+             "| base model | " + " | ".join(f"{also[m]['base']:.4f}" for m in metrics) + " |"]
+    for name in next(iter(also.values()))["methods"]:
+        lines.append(f"| {name} | " + " | ".join(_pm(*also[m]["methods"][name], ".4f") for m in metrics) + " |")
+    if s["baseline"] is not None and "change_in_std" in also[metrics[0]]:
+        lines += ["", f"{s['baseline']}'s change from the base model, in standard deviations of its seeds: "
+                  + ", ".join(f"{m} {also[m]['change_in_std']:.1f}" for m in metrics) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def _pm(mean: float, std: float, fmt: str) -> str:
     if math.isnan(mean):
         return "-"
@@ -472,6 +511,7 @@ def report(
     higher_is_better: list[str] | None = None,
     sweep_label: str | None = None,
     labels: dict[str, str] | None = None,
+    also: list[str] | None = None,
 ) -> dict:
     """Write the comparison of a set of runs: `results.md`, `results.json` and PNG plots.
 
@@ -496,16 +536,20 @@ def report(
             log scale.
         labels: Names to show methods under, by their folder name (`{cfs-nll: nll@25}`: an
             ablation shows another study's runs as one of its points); `baseline` is a shown name.
+        also: Further `<task>/<metric>`s (every retained and downstream measure, say) in a second
+            table: the base model's score and each method's mean ± std, and how far the baseline
+            moved from the base in standard deviations of its seeds.
     """
     loaded = [load_run(p) for p in find_runs([runs] if isinstance(runs, str) else runs)]
     for run in loaded:
         run.method = (labels or {}).get(run.method, run.method)
     summary = summarize(loaded, retained, downstream, baseline, higher_is_better or [])
     summary["meter"] = meter_summary(loaded, retained)
+    summary["also"] = summarize_also(loaded, list(also or []), baseline)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary["plots"] = _plots(loaded, summary, out, sweep_label)
-    table = to_markdown(summary)
+    table = to_markdown(summary) + ("\n" + also_markdown(summary) if summary["also"] else "")
     body = table + "\n" + "\n".join(f"![{p[:-4]}]({p})" for p in summary["plots"]) + "\n"
     for name, text in (("results.json", json.dumps(summary, indent=2) + "\n"), ("results.md", body)):
         with atomic_file(out / name) as tmp:

@@ -23,6 +23,7 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..checkpoints import RECORD, fetch as fetch_checkpoint
 from ..commands import COMMANDS, function
 from ..io import atomic_file
 from .report import report
@@ -152,9 +153,11 @@ def study(
     data: list[DataStep] = [],  # noqa: B006
     wise_ft: WiseFT | None = None,
     toy_base: ToyBase | None = None,
+    fetch: str | None = None,
     baseline: str | None = "ft",
     report_dir: str | None = None,
     sweep_label: str | None = None,
+    also: list[str] = [],  # noqa: B006
     plan: bool = False,
 ) -> dict:
     """Fit every method for every seed against one base model and task, then `cfs report` them.
@@ -176,10 +179,13 @@ def study(
         data: Data steps run before any fit; see `DataStep`.
         wise_ft: WiSE-FT sweeps over another method's exports; None: none.
         toy_base: Build the toy base model into `base` when it does not exist; None: `base` must exist.
+        fetch: A checkpoint `cfs fetch` knows (e.g. `smollm2-135m-instruct`), fetched into `base`
+            when it is not there; `base` is then that checkpoint's cache folder (`<cache>/<name>`).
         baseline: The method the report measures forgetting recovered and gain kept against.
         report_dir: Where `cfs report` writes; default `<output_dir>/report`.
         sweep_label: For an ablation with methods named `<series>@<value>`: what the value is
             (the x-axis of the report's `sweep.png`).
+        also: Further `<task>/<metric>`s the report tabulates (`cfs report --also`).
         plan: Check the study and print its steps with their expected minutes, running nothing.
     """
     out = Path(output_dir)
@@ -211,6 +217,13 @@ def study(
     if toy_base is not None and not (Path(base) / "config.json").is_file():
         steps.append(_Step(f"build the toy base model into {base}", toy_base.minutes, "base",
                            lambda: build_base(base, toy_base.init_config, toy_base.pretrain_config)))
+    if fetch is not None:
+        if Path(base).expanduser().name != fetch:
+            raise ValueError(f"study: base {base!r} is not the cache folder of checkpoint {fetch!r}; "
+                             f"use <cache>/{fetch}, e.g. ~/.cache/cfs_lightning/models/{fetch}")
+        if not (Path(base).expanduser() / RECORD).is_file():
+            steps.append(_Step(f"fetch {fetch} into {base}", 1, "base", lambda: fetch_checkpoint(
+                fetch, str(Path(base).expanduser().parent))))
     steps += [_Step(f"data {s.name}", s.minutes, "data", lambda s=s: _run_data_step(s, base, out / "data" / s.name))
               for s in data]
     for seed in sorted({s for m in methods for s in (m.seeds or seeds)}):  # seeds in the outer loop
@@ -239,7 +252,7 @@ def study(
                    f"(this call: {total:.1f} minutes)")
     return report([str(out / "methods" / n) for n in names if (out / "methods" / n).is_dir()],
                   retained, downstream, output_dir=report_dir or str(out / "report"), baseline=baseline,
-                  sweep_label=sweep_label, labels=labels)
+                  sweep_label=sweep_label, labels=labels, also=also)
 
 
 class Progress:

@@ -13,11 +13,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from ..evaluation import evaluate_lm, task_manager_for, task_specs
 from ..io import atomic_file
-from ..loading import load_causal_lm
+from ..loading import load_causal_lm, load_tokenizer
 
 
 @dataclass
@@ -105,7 +104,7 @@ def interpolate(
                          "tasks: choose alpha on held-out documents (e.g. configs/tasks/*_val.yaml)")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(finetuned, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(finetuned, trust_remote_code)
     model = load_causal_lm(finetuned, dtype, trust_remote_code)
     ft_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     base_state = load_causal_lm(base, dtype, trust_remote_code).state_dict()

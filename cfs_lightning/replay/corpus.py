@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from ..loading import load_tokenizer
 from ..sampling import Budget, GenerationError
 from ..shards import ShardOutput, provenance, write_shards
 from ..tasks import TaskSource
@@ -149,7 +150,7 @@ def corpus(
         start_token: Token each sequence starts with; None: the tokenizer's BOS.
         task: The task data, needed only by `budget.fraction`.
     """
-    manifest = corpus_replay(corpus, AutoTokenizer.from_pretrained(tokenizer), output.dir, budget, max_length,
+    manifest = corpus_replay(corpus, load_tokenizer(tokenizer), output.dir, budget, max_length,
                              start_token, budget.task_size(task), output.shard_size, output.overwrite)
     print(f"{Path(output.dir)}: {manifest['num_sequences']} sequences, {manifest['num_generated_tokens']} "
           f"tokens of {corpus.path}")

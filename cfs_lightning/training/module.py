@@ -16,9 +16,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torchmetrics import MeanMetric
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
-from ..loading import load_causal_lm
+from ..loading import load_causal_lm, load_tokenizer
 from ..shards import check_model
 from .lora import LoRA, apply_lora, save_merged, unwrap
 from .losses import NORMALIZATIONS, dft_weighted, masked_mean, per_token_nll, token_nll
@@ -149,9 +149,7 @@ class CausalLMFineTuner(L.LightningModule):
         self.model = apply_lora(model, lora) if lora is not None else model
         if mode == "adapters_disabled":
             self.reference = FrozenReference(self.model, mode)
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            tokenizer or pretrained, trust_remote_code=trust_remote_code
-        )
+        self.tokenizer = load_tokenizer(tokenizer or pretrained, trust_remote_code)
         self.nonfinite, self.skipped_nonfinite = nonfinite, 0
         self.val_nll = nn.ModuleDict({s: MeanMetric() for s in VAL_KEYS})
         self.test_nll = nn.ModuleDict({s: MeanMetric() for s in VAL_KEYS})
