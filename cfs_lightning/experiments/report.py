@@ -228,10 +228,7 @@ def summarize(runs: list[Run], retained: str, downstream: str, baseline: str | N
             if not run.evals or metric not in run.evals[-1]:
                 logged = sorted(run.evals[-1]) if run.evals else []
                 raise KeyError(f"cfs report: run {run.path} logged no {metric!r}; it logged {logged}")
-    starts = [r.evals[0] for r in fits if r.epochs[0] == 0.0]
-    if not starts:
-        raise ValueError("cfs report: no run evaluated the base model at fit start (RetainedEval "
-                         "on_fit_start: true); the report measures every method from it")
+    starts = _start_evals(fits)
     base = {m: statistics.fmean(s[m] for s in starts) for m in (retained, downstream)}
     methods: dict[str, list[Run]] = {}
     for run in runs:
@@ -262,17 +259,26 @@ def summarize(runs: list[Run], retained: str, downstream: str, baseline: str | N
     return out
 
 
+def _start_evals(runs: list[Run]) -> list[dict[str, float]]:
+    """The evaluations of the base model: every fit's first one, when taken at fit start."""
+    starts = [r.evals[0] for r in runs if r.sweep is None and r.evals and r.epochs[0] == 0.0]
+    if not starts:
+        raise ValueError("cfs report: no run evaluated the base model at fit start (RetainedEval "
+                         "on_fit_start: true); the report measures every method from it")
+    return starts
+
+
 def summarize_also(runs: list[Run], metrics: list[str], baseline: str | None) -> dict:
     """Further metrics beside the table's pair: each one's base score (fit start, mean over runs),
     every method's final mean and std, and the baseline's change from the base in units of its
     seed spread (`change_in_std`: how clearly the baseline moved; inf when the seeds agree)."""
-    fits = [r for r in runs if r.sweep is None and r.evals and r.epochs[0] == 0.0]
+    starts = _start_evals(runs)
     out = {}
     for metric in metrics:
         missing = [str(r.path) for r in runs if not r.evals or metric not in r.evals[-1]]
         if missing:
             raise KeyError(f"cfs report: {metric!r} (in `also`) was not logged by {missing[0]}")
-        entry = {"base": statistics.fmean(r.evals[0][metric] for r in fits), "methods": {}}
+        entry = {"base": statistics.fmean(start[metric] for start in starts), "methods": {}}
         by_method: dict[str, list[float]] = {}
         for run in runs:
             by_method.setdefault(run.method, []).append(run.evals[-1][metric])
