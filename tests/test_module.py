@@ -6,7 +6,16 @@ from cfs_lightning.tokens import IGNORE_INDEX
 from cfs_lightning.data import ReplayConfig, ReplayDataModule
 from cfs_lightning.tasks import TaskSource
 from cfs_lightning.training import CausalLMFineTuner, CFSFineTuner
+from cfs_lightning.training.losses import chunked_target_mean
 from cfs_lightning.training.regularizers import EMA, KLToReference, L2ToInit, NLLReplay, Regularizer
+
+
+def _per_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) next-token NLL from whole logits (0 without a target) and the target mask."""
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    values = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets,
+                                               ignore_index=IGNORE_INDEX, reduction="none")
+    return values, targets != IGNORE_INDEX
 
 
 def test_nll_replay_matches_float64_hand_computation():
@@ -46,7 +55,6 @@ def test_sequence_normalization_sums_each_sequence_and_averages_over_sequences()
     reg.normalize = "sequence"
     assert reg(batch, {"replay": logits}).item() == pytest.approx(sum(nll) / 3, rel=1e-12)  # 3 rows have targets
     assert per_token(batch, {"replay": logits}).item() == pytest.approx(sum(nll) / 9, rel=1e-12)  # 5 + 3 + 1 tokens
-    from cfs_lightning.training.losses import chunked_target_mean
     from cfs_lightning.training.regularizers import token_divergence
 
     got = chunked_target_mean(token_divergence, labels, logits, ref, chunk_size=2, per="sequence")
@@ -69,9 +77,7 @@ def test_the_module_normalizes_the_task_loss_and_every_term_alike(tiny_model_dir
                 for stream in ("task", "replay"):
                     b = batch[stream]
                     logits = pl_module(b["input_ids"], b["attention_mask"])
-                    from cfs_lightning.training.losses import per_token_nll
-
-                    values, targets = per_token_nll(logits, b["labels"])
+                    values, targets = _per_token_nll(logits, b["labels"])
                     seen[stream] = ((values * targets).sum() / targets.any(-1).sum()).item()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -96,7 +102,7 @@ def test_regularizer_names_default_and_must_be_unique(tiny_model_dir):
 
 
 class Spy(Regularizer):
-    """Records its lifecycle calls; its term is the mean squared replay logit."""
+    """Records its lifecycle calls; its term is the mean squared replay logit over target tokens."""
 
     streams = ("replay",)
 
@@ -109,7 +115,7 @@ class Spy(Regularizer):
 
     def __call__(self, batch, outputs):
         self.calls.append("call")
-        return outputs["replay"].pow(2).mean()
+        return chunked_target_mean(lambda z: z.pow(2).mean(-1), batch["replay"]["labels"], outputs["replay"])
 
     def on_after_optimizer_step(self, module):
         self.calls.append("step")
@@ -149,11 +155,9 @@ def test_terms_are_weighted_summed_and_logged(tiny_model_dir, tiny_task_files, t
     # val/replay_nll is the token-weighted NLL of the held-out replay sequences
     replay_val = next(iter(dm.val_dataloader()[1]))["replay"]
     with torch.no_grad():
-        from cfs_lightning.training.losses import mean_token_nll
-
-        expected_nll = mean_token_nll(model(replay_val["input_ids"], replay_val["attention_mask"]),
-                                      replay_val["labels"])
-    assert metrics["val/replay_nll"] == pytest.approx(expected_nll.item(), rel=1e-5)
+        values, targets = _per_token_nll(model(replay_val["input_ids"], replay_val["attention_mask"]),
+                                         replay_val["labels"])
+    assert metrics["val/replay_nll"] == pytest.approx((values.sum() / targets.sum()).item(), rel=1e-5)
 
 
 def test_replay_term_changes_the_gradient(tiny_model_dir, tiny_task_files, tiny_replay_dir):

@@ -15,6 +15,7 @@ from cfs_lightning.sampling import SamplingConfig
 from cfs_lightning.tasks import TaskSource
 from cfs_lightning.tokens import IGNORE_INDEX
 from cfs_lightning.training import CausalLMFineTuner
+from cfs_lightning.training.heads import split_logits
 from cfs_lightning.training.reference import FrozenReference
 from cfs_lightning.training.regularizers import SelfDistillation
 
@@ -67,7 +68,8 @@ def test_sdft_term_is_the_kl_to_the_demonstration_conditioned_teacher(tiny_model
     module = _Module(student_model, FrozenReference(base, "copy"))
     reg.setup(module)
     logits = module(student["input_ids"], student["attention_mask"])
-    got = reg({"onpolicy": student, "onpolicy_teacher": teach}, {"onpolicy": logits})
+    got = reg({"onpolicy": student, "onpolicy_teacher": teach},
+              {"onpolicy": module.logits(student["input_ids"], student["attention_mask"])})
     with torch.no_grad():
         teacher_model = base if teacher == "base" else student_model
         t_logits = teacher_model(input_ids=teach["input_ids"], attention_mask=teach["attention_mask"]).logits
@@ -80,7 +82,7 @@ def test_sdft_term_is_the_kl_to_the_demonstration_conditioned_teacher(tiny_model
 
 
 class _Module(torch.nn.Module):
-    """What SelfDistillation reads of CausalLMFineTuner: `model`, `reference`, and its forward."""
+    """What SelfDistillation reads of CausalLMFineTuner: `model`, `reference`, and its `logits`."""
 
     def __init__(self, model, reference=None) -> None:
         super().__init__()
@@ -88,6 +90,9 @@ class _Module(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def logits(self, input_ids, attention_mask):
+        return split_logits(self.model, self.model, input_ids, attention_mask)
 
 
 def test_the_live_teacher_runs_in_eval_mode_and_the_student_stays_in_train_mode(tiny_model):

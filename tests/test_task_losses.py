@@ -7,7 +7,7 @@ import torch
 
 from cfs_lightning.tokens import IGNORE_INDEX
 from cfs_lightning.training import CausalLMFineTuner
-from cfs_lightning.training.losses import dft_weighted, masked_mean, mean_token_nll, per_token_nll
+from cfs_lightning.training.losses import dft, mean_token_loss, nll
 
 V = 7
 
@@ -41,25 +41,23 @@ def _by_hand(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, 
 
 def test_dft_weights_each_token_nll_by_its_detached_probability():
     logits, labels = _case()
-    nll, mask = per_token_nll(logits, labels)
-    dft = dft_weighted(nll, mask)
-    (grad,) = torch.autograd.grad(dft, logits)
+    loss = mean_token_loss(logits, labels, per_token=dft)
+    (grad,) = torch.autograd.grad(loss, logits)
     mean_nll, mean_dft, hand_grad = _by_hand(logits, labels)
-    assert masked_mean(nll, mask).item() == pytest.approx(mean_nll, rel=1e-12)
-    assert mean_token_nll(logits, labels).item() == pytest.approx(mean_nll, rel=1e-12)
-    assert dft.item() == pytest.approx(mean_dft, rel=1e-12)
+    assert mean_token_loss(logits, labels).item() == pytest.approx(mean_nll, rel=1e-12)
+    assert loss.item() == pytest.approx(mean_dft, rel=1e-12)
     torch.testing.assert_close(grad, hand_grad, rtol=1e-10, atol=1e-12)
     # had the weight not been detached, the gradient would be that of -p log p, which differs
-    nll2, _ = per_token_nll(logits, labels)
-    (undetached,) = torch.autograd.grad(masked_mean(nll2 * torch.exp(-nll2), mask), logits)
+    (undetached,) = torch.autograd.grad(
+        mean_token_loss(logits, labels, per_token=lambda z, y: nll(z, y) * torch.exp(-nll(z, y))), logits)
     assert not torch.allclose(grad, undetached)
 
 
 def test_dft_and_nll_refuse_a_batch_without_targets():
     logits, labels = _case()
-    nll, mask = per_token_nll(logits, torch.full_like(labels, IGNORE_INDEX))
-    with pytest.raises(ValueError, match="no target token"):
-        dft_weighted(nll, mask)
+    for per_token in (nll, dft):
+        with pytest.raises(ValueError, match="no target token"):
+            mean_token_loss(logits, torch.full_like(labels, IGNORE_INDEX), per_token=per_token)
 
 
 def test_unknown_task_loss_is_refused_with_the_choices(tiny_model_dir):

@@ -1,26 +1,164 @@
-"""Token-level losses: the NLL shared by the task loss, replay NLL and validation, the DFT task
-loss, and a chunked per-position mean for full-vocabulary divergences.
+"""Token-level losses, formed a chunk of target tokens at a time from the model's final hidden
+states, so that a step never holds the (B, T, V) logits.
 
-Every training term is a sum over a batch's target positions divided by a normalizer
-(`NORMALIZATIONS`, the module's `normalize`): `token` divides by the number of target tokens, a
-mean in nats per token (the default); `sequence` divides by the number of sequences that have a
-target, a mean over sequences of each sequence's summed loss, in nats per sequence: the
-expectation over sequences that the CFS objective E_F[-log p(y|x)] + lambda E_x[-log p(x)]
-writes (arXiv 2505.13811). Under `token`, each term is a per-token mean of its own stream, so
-a replay weight lambda_token equals the paper's lambda_sequence x (mean replay length / mean
-response length) in tokens.
+A stream's next-token logits are a `Logits`: the final hidden states (B, T, H) and the output
+head that maps them to logits (or, where the head cannot be split off, the (B, T, V) logits
+themselves). Every loss is a sum over a batch's target positions of a per-token function of the
+logits (`head_sum`): the rows of the target positions are gathered, and the head and the function
+run on `chunk` of them at a time. With gradients on, each chunk's gradients with respect to its
+hidden states and the head's parameters are formed right there (`_ChunkedHead`), so the logits of
+a chunk, and everything the function derives from them, are freed before the next chunk: at most
+about `LOGITS_PER_CHUNK` logits exist at once, and the head runs once forward and twice backward
+per token, as it does in the unchunked step. Only target positions reach the head: prompt and
+padding positions cost nothing there.
+
+Every training term is that sum divided by a normalizer (`NORMALIZATIONS`, the module's
+`normalize`): `token` divides by the number of target tokens, a mean in nats per token (the
+default); `sequence` divides by the number of sequences that have a target, a mean over
+sequences of each sequence's summed loss, in nats per sequence: the expectation over sequences
+that the CFS objective E_F[-log p(y|x)] + lambda E_x[-log p(x)] writes (arXiv 2505.13811). Under
+`token`, each term is a per-token mean of its own stream, so a replay weight lambda_token equals
+the paper's lambda_sequence x (mean replay length / mean response length) in tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ..tokens import IGNORE_INDEX
+
+LOGITS_PER_CHUNK = 2**24
+"""Logits formed at once by default (64 MiB in float32): the chunk holds this many divided by the
+vocabulary size tokens, e.g. 341 for SmolLM2's 49,152 and 64 for Gemma 3's 262,144."""
+
+Normalization = Literal["token", "sequence"]
+NORMALIZATIONS = ("token", "sequence")
+
+
+@dataclass
+class Logits:
+    """One stream's next-token logits, held as what they are computed from.
+
+    Attributes:
+        hidden: (B, T, H) final hidden states; with `head` None, (B, T, V) logits.
+        head: Maps (N, H) hidden states to (N, V) logits (with any post-processing, e.g.
+            soft-capping); None when `hidden` already holds the logits.
+        params: The head's parameters (those that require grad receive their gradients).
+        vocab_size: V, the head's output size.
+    """
+
+    hidden: torch.Tensor
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None
+    params: Sequence[torch.Tensor] = field(default_factory=tuple)
+    vocab_size: int | None = None
+
+    @property
+    def vocab(self) -> int:
+        """V: the head's output size, or the logits' last dimension."""
+        if self.head is None:
+            return self.hidden.size(-1)
+        if self.vocab_size is None:
+            raise ValueError("Logits with a head need its vocab_size")
+        return self.vocab_size
+
+    def full(self) -> torch.Tensor:
+        """(B, T, V) logits, whole: for small vocabularies and tests only."""
+        return self.hidden if self.head is None else self.head(self.hidden)
+
+
+def as_logits(logits: Logits | torch.Tensor) -> Logits:
+    """A `Logits`, from a (B, T, V) tensor if need be."""
+    return logits if isinstance(logits, Logits) else Logits(logits)
+
+
+def chunk_tokens(vocab: int, chunk_size: int | None = None) -> int:
+    """Target tokens per chunk: `chunk_size`, or `LOGITS_PER_CHUNK // vocab` when None."""
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    return chunk_size or max(1, LOGITS_PER_CHUNK // vocab)
+
+
+class _ChunkedHead(torch.autograd.Function):
+    """sum_n per_token(head(hidden[n]), *extras[n]) over rows n, a chunk of rows at a time.
+
+    The forward pass also forms, chunk by chunk, the sum's gradients with respect to the hidden
+    rows and the head's parameters (by autograd on the chunk alone), and keeps only those; the
+    backward pass scales them by the incoming gradient. No chunk's logits outlive it.
+    """
+
+    @staticmethod
+    def forward(ctx, per_token, head, size, n_extras, hidden, *tensors):
+        extras, params = tensors[:n_extras], tensors[n_extras:]
+        wants_hidden = ctx.needs_input_grad[4]
+        wants = [p for p, w in zip(params, ctx.needs_input_grad[5 + n_extras:]) if w]
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        grad_hidden = torch.zeros_like(hidden) if wants_hidden else None
+        grad_params = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in wants]
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for start in range(0, hidden.size(0), size):
+            rows = slice(start, start + size)
+            h = hidden[rows].detach().requires_grad_(wants_hidden)
+            with torch.enable_grad():
+                logits = head(h) if head is not None else h
+                value = per_token(logits, *(x[rows] for x in extras)).sum()
+            grads = torch.autograd.grad(value, ([h] if wants_hidden else []) + wants, allow_unused=True)
+            if wants_hidden:
+                grad_hidden[rows] = grads[0]
+                grads = grads[1:]
+            for buffer, g in zip(grad_params, grads):
+                if g is not None:
+                    buffer += g
+            total += value.detach().to(acc)
+        ctx.wants_hidden, ctx.wants = wants_hidden, list(ctx.needs_input_grad[5 + n_extras:])
+        ctx.param_dtypes = [p.dtype for p in wants]
+        ctx.save_for_backward(*([grad_hidden] if wants_hidden else []), *grad_params)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = list(ctx.saved_tensors)
+        grad_hidden = saved.pop(0) * grad if ctx.wants_hidden else None
+        out_params, dtypes = iter(saved), iter(ctx.param_dtypes)
+        params = [(next(out_params) * grad).to(next(dtypes)) if w else None for w in ctx.wants]
+        n_extras = len(ctx.needs_input_grad) - 5 - len(ctx.wants)
+        return (None, None, None, None, grad_hidden, *([None] * n_extras), *params)
+
+
+def head_sum(
+    per_token: Callable[..., torch.Tensor],
+    logits: Logits | torch.Tensor,
+    positions: torch.Tensor,
+    *inputs: torch.Tensor,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Sum over the True `positions` of `per_token(logits at the position, *inputs at it)`.
+
+    Args:
+        per_token: Maps (N, V) logits and (N, ...) rows of each input to (N,) values.
+        logits: The stream's `Logits` (or a (B, T, V) tensor).
+        positions: (B, T) boolean mask of the positions summed over.
+        inputs: (B, T, ...) tensors read at the same positions (targets, reference states, ...).
+        chunk_size: Positions per chunk; None: `LOGITS_PER_CHUNK` logits' worth.
+    """
+    logits = as_logits(logits)
+    hidden = logits.hidden[positions]  # (N, H)
+    rows = [x[positions] for x in inputs]
+    size = chunk_tokens(logits.vocab, chunk_size)
+    params = [p for p in logits.params if p.requires_grad]
+    if torch.is_grad_enabled() and (hidden.requires_grad or params):
+        return _ChunkedHead.apply(per_token, logits.head, size, len(rows), hidden, *rows, *params)
+    total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+    with torch.no_grad():
+        for start in range(0, hidden.size(0), size):
+            chunk = slice(start, start + size)
+            z = logits.head(hidden[chunk]) if logits.head is not None else hidden[chunk]
+            total += per_token(z, *(x[chunk] for x in rows)).sum()
+    return total
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -29,36 +167,9 @@ def target_positions(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
 
 
-def per_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token NLL (nats) at every position, and the mask of positions that have a target.
-
-    Args:
-        logits: (B, T, V) next-token logits; half precision is upcast to float32.
-        labels: (B, T) token ids, IGNORE_INDEX where no loss is taken. Position t's logits
-            predict labels[t + 1], so labels[:, 0] is never a target.
-
-    Returns:
-        (B, T) NLL, 0 where there is no target, and the (B, T) boolean target mask.
-    """
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    # Shift the labels, not the logits: logits[:, :-1] is not contiguous, and flattening it
-    # would copy the whole (B, T, V) tensor. The last position gets no target instead.
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    nll = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="none",
-    )
-    return nll.view(targets.shape), target_positions(labels)
-
-
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token NLL (nats) and the number of target tokens (see `per_token_nll`)."""
-    nll, mask = per_token_nll(logits, labels)
-    return nll.sum(), mask.sum()
-
-
-Normalization = Literal["token", "sequence"]
-NORMALIZATIONS = ("token", "sequence")
+def next_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) the token each position predicts, labels[:, t + 1] (IGNORE_INDEX at the last)."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 def normalizer(mask: torch.Tensor, per: Normalization = "token") -> torch.Tensor:
@@ -72,65 +183,61 @@ def normalizer(mask: torch.Tensor, per: Normalization = "token") -> torch.Tensor
     return count
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, per: Normalization = "token") -> torch.Tensor:
-    """Sum of (B, T) `values` over the target positions `mask`, per target token or per sequence
-    (`normalizer`)."""
-    return (values * mask).sum() / normalizer(mask, per)
-
-
-def mean_token_nll(logits: torch.Tensor, labels: torch.Tensor, per: Normalization = "token") -> torch.Tensor:
-    """Next-token NLL summed over target tokens, in nats per token (or per sequence: `per`)."""
-    return masked_mean(*per_token_nll(logits, labels), per)
-
-
-def dft_weighted(nll: torch.Tensor, mask: torch.Tensor, per: Normalization = "token") -> torch.Tensor:
-    """Dynamic Fine-Tuning's loss (arXiv 2508.05629): mean over targets of sg(p) * NLL.
-
-    Each target token's NLL is scaled by the model's own probability of that token,
-    p = exp(-NLL), detached, so the gradient is p * grad(NLL): confident tokens keep their
-    full step, improbable ones are damped. The mean is over target tokens, as TRL's
-    `loss_type="dft"` and LLaMA-Factory's `use_dft_loss` take it.
-
-    Args:
-        nll: (B, T) per-position NLL from `per_token_nll`.
-        mask: (B, T) target positions.
-        per: `token` (TRL's mean) or `sequence` (`normalizer`).
-    """
-    return masked_mean(nll * torch.exp(-nll.detach()), mask, per)
-
-
 def chunked_target_mean(
     per_token: Callable[..., torch.Tensor],
     labels: torch.Tensor,
+    logits: Logits | torch.Tensor,
     *inputs: torch.Tensor,
     chunk_size: int | None = None,
     per: Normalization = "token",
 ) -> torch.Tensor:
-    """Mean of `per_token(*chunk_of_inputs)` over target positions, a chunk of positions at a time
-    (the sum over target positions, per target token or per sequence: `normalizer`).
-
-    Position t counts when labels[:, t + 1] is a target. Each input is (B, T, ...) and is sliced
-    along T; every chunk runs under activation checkpointing, so its (B, chunk, V)-sized
-    intermediates are freed after the forward and recomputed in the backward instead of being
-    kept for the whole sequence.
+    """Mean of `per_token(logits, *inputs)` over target positions (`head_sum` over
+    `target_positions`, divided by `normalizer`).
 
     Args:
-        per_token: Maps input chunks to a (B, chunk) tensor of per-position values.
-        labels: (B, T) targets, IGNORE_INDEX where no loss is taken.
-        chunk_size: Positions per chunk; None: the whole sequence at once.
+        per_token: Maps (N, V) logits and (N, ...) input rows to (N,) values.
+        labels: (B, T) targets, IGNORE_INDEX where no loss is taken; position t counts when
+            labels[:, t + 1] is a target.
+        logits: The stream's `Logits` (or (B, T, V) logits).
+        inputs: (B, T, ...) tensors read at the same positions.
+        chunk_size: Target tokens per chunk; None: sized by the vocabulary (`chunk_tokens`).
         per: `token` or `sequence` (`normalizer`).
     """
-    valid = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts target t+1
+    valid = target_positions(labels)
     count = normalizer(valid, per)
-    width = valid.size(1)
-    step = chunk_size or width
+    return head_sum(per_token, logits, valid, *inputs, chunk_size=chunk_size) / count
 
-    def chunk_sum(mask: torch.Tensor, *chunk: torch.Tensor) -> torch.Tensor:
-        return (per_token(*chunk) * mask).sum()
 
-    total = 0.0
-    for start in range(0, width, step):
-        sl = slice(start, min(start + step, width))
-        total = total + checkpoint(chunk_sum, valid[:, sl], *(x[:, sl] for x in inputs),
-                                   use_reentrant=False)
-    return total / count
+def nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) next-token NLL in nats of (N, V) logits (upcast to at least float32) and (N,) targets."""
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="none")
+
+
+def dft(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Dynamic Fine-Tuning's per-token loss (arXiv 2508.05629): sg(p) * NLL.
+
+    Each target token's NLL is scaled by the model's own probability of that token,
+    p = exp(-NLL), detached, so the gradient is p * grad(NLL): confident tokens keep their full
+    step, improbable ones are damped. Averaged over target tokens, as TRL's `loss_type="dft"` and
+    LLaMA-Factory's `use_dft_loss` take it (`mean_token_loss(..., dft)`).
+    """
+    values = nll(logits, targets)
+    return values * torch.exp(-values.detach())
+
+
+def mean_token_loss(
+    logits: Logits | torch.Tensor,
+    labels: torch.Tensor,
+    per: Normalization = "token",
+    per_token: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nll,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """A next-token loss (`nll` by default, or `dft`) summed over target tokens, in nats per token
+    (or per sequence: `per`)."""
+    return chunked_target_mean(per_token, labels, logits, next_targets(labels), chunk_size=chunk_size, per=per)
+
+
+def token_nll(logits: Logits | torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL (nats) and the number of target tokens."""
+    valid = target_positions(labels)
+    return head_sum(nll, logits, valid, next_targets(labels)), valid.sum()

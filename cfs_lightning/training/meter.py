@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .losses import chunked_target_mean
+from .losses import Logits, chunked_target_mean
 from .reference import FrozenReference
 from .regularizers import token_divergence, topk_forward_kl
 
@@ -26,22 +26,22 @@ def meter_source(reference: FrozenReference | None, batch: dict) -> str | None:
 
 @torch.no_grad()
 def forgetting_kl(
-    logits: torch.Tensor,
+    logits: Logits | torch.Tensor,
     batch: dict,
     reference: FrozenReference | None,
-    chunk_size: int | None = 256,
+    chunk_size: int | None = None,
 ) -> torch.Tensor | None:
     """Mean per-token KL(p_base || p_theta) over the batch's target positions, in nats.
 
-    One reference forward per batch (its hidden states; the head runs `chunk_size` positions at a
-    time, so the (B, T, V) reference logits never exist). Without a reference, the replay shards'
+    One reference forward per batch (its hidden states; both heads run `chunk_size` target tokens
+    at a time, so neither model's (B, T, V) logits exist). Without a reference, the replay shards'
     cached top-k are used if the batch has them (`cfs generate --store_topk K`); else None.
 
     Args:
-        logits: (B, T, V) logits of the model being evaluated on `batch`.
+        logits: The `Logits` (or (B, T, V) logits) of the model being evaluated on `batch`.
         batch: A padded batch (`input_ids`, `attention_mask`, `labels`, maybe `topk_*`).
         reference: The frozen base model, or None.
-        chunk_size: Positions per chunk of the divergence; None: all at once.
+        chunk_size: Target tokens per chunk; None: sized by the vocabulary.
     """
     source = meter_source(reference, batch)
     if source is None:

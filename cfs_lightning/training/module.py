@@ -20,8 +20,10 @@ from transformers import PreTrainedModel
 
 from ..loading import load_causal_lm, load_tokenizer
 from ..shards import check_model
+from ..tokens import eval_mode
 from .lora import LoRA, apply_lora, save_merged, unwrap
-from .losses import NORMALIZATIONS, dft_weighted, masked_mean, per_token_nll, token_nll
+from .heads import OutputHead, reproduces_logits, split_logits, splits_head
+from .losses import NORMALIZATIONS, Logits, dft, mean_token_loss, token_nll
 from .meter import forgetting_kl, meter_source
 from .reference import FrozenReference, resolve_reference_mode
 from .regularizers import NLLReplay, Regularizer
@@ -150,6 +152,7 @@ class CausalLMFineTuner(L.LightningModule):
         if mode == "adapters_disabled":
             self.reference = FrozenReference(self.model, mode)
         self.tokenizer = load_tokenizer(tokenizer or pretrained, trust_remote_code)
+        self.head_split = self._head_splits()
         self.nonfinite, self.skipped_nonfinite = nonfinite, 0
         self.val_nll = nn.ModuleDict({s: MeanMetric() for s in VAL_KEYS})
         self.test_nll = nn.ModuleDict({s: MeanMetric() for s in VAL_KEYS})
@@ -163,7 +166,31 @@ class CausalLMFineTuner(L.LightningModule):
         """(B, T, V) next-token logits."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    def _logits(self, batch: dict, streams: set[str]) -> dict[str, torch.Tensor]:
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Logits:
+        """The next-token logits of a batch as the losses read them: (B, T, H) final hidden
+        states and the output head (`heads.split_logits`), so that no (B, T, V) tensor is formed;
+        the (B, T, V) logits themselves where the head does not split off (`splits_head`)."""
+        if self.head_split and not isinstance(self.model, FullyShardedDataParallel):
+            return split_logits(self.model, self.hf_model, input_ids, attention_mask)
+        return Logits(self(input_ids, attention_mask))
+
+    def _head_splits(self) -> bool:
+        """Whether the losses can run the output head themselves: the model's forward can skip its
+        head and the split reproduces its logits (soft-capping included). Where not (a model
+        without `logits_to_keep`, a post-processing step cfs_lightning does not know), the
+        (B, T, V) logits are formed, and the losses still run a chunk of them at a time."""
+        hf = self.hf_model
+        if not splits_head(hf):
+            log.info("%s takes no logits_to_keep: training forms its (B, T, V) logits", type(hf).__name__)
+            return False
+        with eval_mode(self.model):
+            if reproduces_logits(hf, lambda ids, mask: split_logits(self.model, hf, ids, mask).hidden, OutputHead(hf)):
+                return True
+        log.info("%s post-processes its logits in a way cfs_lightning does not know: training forms "
+                 "its (B, T, V) logits", type(hf).__name__)
+        return False
+
+    def _logits(self, batch: dict, streams: set[str]) -> dict[str, Logits]:
         missing = streams - batch.keys()
         if missing:
             users = [r.name for r in self.regularizers if set(r.streams) & missing]
@@ -174,7 +201,7 @@ class CausalLMFineTuner(L.LightningModule):
                 f"regularizers {users} need the {sorted(missing)} stream, but the batch has only "
                 f"{sorted(batch)}: {fix}"
             )
-        return {s: self(batch[s]["input_ids"], batch[s]["attention_mask"]) for s in streams}
+        return {s: self.logits(batch[s]["input_ids"], batch[s]["attention_mask"]) for s in streams}
 
     @property
     def hf_model(self) -> PreTrainedModel:
@@ -258,12 +285,13 @@ class CausalLMFineTuner(L.LightningModule):
         if "task" not in outputs:  # task_loss none: the task NLL is only logged
             with torch.no_grad():
                 outputs["task"] = self._logits(batch, {"task"})["task"]
-        per = self.hparams.normalize
-        nll, mask = per_token_nll(outputs["task"], batch["task"]["labels"])
-        logs = {"train/task_loss": masked_mean(nll, mask, per)}
+        per, labels = self.hparams.normalize, batch["task"]["labels"]
         sources = {"train/task_loss": ("task",)}
+        # The NLL is logged whatever the objective, so that runs compare; only `nll` trains on it.
+        with contextlib.nullcontext() if self.hparams.task_loss == "nll" else torch.no_grad():
+            logs = {"train/task_loss": mean_token_loss(outputs["task"], labels, per)}
         if self.hparams.task_loss == "dft":
-            logs["train/task_dft"], sources["train/task_dft"] = dft_weighted(nll, mask, per), ("task",)
+            logs["train/task_dft"], sources["train/task_dft"] = mean_token_loss(outputs["task"], labels, per, dft), ("task",)
         loss = (logs["train/task_dft"] if self.hparams.task_loss == "dft" else
                 logs["train/task_loss"] if trained else 0.0)
         for reg in terms:
@@ -368,7 +396,7 @@ class CausalLMFineTuner(L.LightningModule):
 
     def _eval_step(self, batch: dict, nll: nn.ModuleDict, kl: nn.ModuleDict, prefix: str) -> None:
         ((stream, b),) = batch.items()
-        logits = self(b["input_ids"], b["attention_mask"])
+        logits = self.logits(b["input_ids"], b["attention_mask"])
         total, count = token_nll(logits, b["labels"])
         nll[stream].update(total / count, weight=count)  # token-weighted over the epoch
         self.log(f"{prefix}/{VAL_KEYS[stream]}", nll[stream], add_dataloader_idx=False)

@@ -11,6 +11,7 @@ from peft import PeftModel
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from .heads import backbone, postprocess_logits, reproduces_logits
 from .sharding import is_sharded, shard_fsdp2
 
 REFERENCE_MODES = ("auto", "none", "copy", "adapters_disabled")
@@ -18,13 +19,6 @@ REFERENCE_MODES = ("auto", "none", "copy", "adapters_disabled")
 
 class ReferenceError(ValueError):
     """A reference model was asked for that cannot be built; the message names the fix."""
-
-
-def postprocess_logits(config, logits: torch.Tensor) -> torch.Tensor:
-    """What the model's forward does to its head's output: Gemma 2's (and any model's with
-    `final_logit_softcapping`) soft-capping, cap * tanh(logits / cap)."""
-    cap = getattr(config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 class _ReferenceNet(nn.Module):
@@ -43,8 +37,7 @@ class _ReferenceNet(nn.Module):
                 hidden: torch.Tensor | None = None) -> torch.Tensor:
         if hidden is not None:  # (B, c, H) -> (B, c, V)
             return postprocess_logits(self.lm.config, self.lm.get_output_embeddings()(hidden))
-        backbone = getattr(self.lm, self.lm.base_model_prefix)
-        return backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return backbone(self.lm)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 class FrozenReference:
@@ -130,26 +123,10 @@ class FrozenReference:
         shard_fsdp2(self.net, mesh, reshard_after_forward=True)
 
     def _check_head(self, causal_lm: nn.Module) -> None:
-        """Refuse an architecture whose logits the chunked head does not reproduce.
-
-        The head's output is scaled to logits of about 50 (a hook on the head, in both paths),
-        where soft-capping or a logit scale changes the values: a random model's logits are
-        near 0, where a missing post-processing step would go unnoticed.
-        """
-        ids = torch.arange(4, device=next(causal_lm.parameters()).device).unsqueeze(0)
-        mask = torch.ones_like(ids)
-        head = causal_lm.get_output_embeddings()
-        hidden = self.hidden_states(ids, mask)
-        with self._frozen():
-            scale = 50.0 / head(hidden).abs().amax().float().clamp_min(1e-6)
-        handle = head.register_forward_hook(lambda module, args, out: out * scale)
-        try:
-            with self._frozen():
-                full = causal_lm(input_ids=ids, attention_mask=mask).logits
-            split = self.logits(hidden)
-        finally:
-            handle.remove()
-        if not torch.allclose(full.float(), split.float(), atol=1e-3, rtol=1e-4):
+        """Refuse an architecture whose logits the chunked head does not reproduce."""
+        with self._frozen():  # the whole model's logits too: eval mode, adapters off
+            same = reproduces_logits(causal_lm, self.hidden_states, self.logits)
+        if not same:
             raise ReferenceError(
                 f"{type(causal_lm).__name__} transforms its logits after the output head in a way "
                 "the reference's chunked head does not reproduce (cfs_lightning applies "

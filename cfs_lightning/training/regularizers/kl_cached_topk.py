@@ -51,19 +51,20 @@ class KLFromCachedTopK(Regularizer):
     bound of the exact KL that `KLToReference` computes; it is exact where the base model's top-k
     holds all its mass. `benchmarks/topk_kl_error.py` measures the gap on the toy world.
 
-    Memory: formed `chunk_size` positions at a time under activation checkpointing (about
-    2 x B x chunk_size x V float32 values at the peak).
+    Memory: formed `chunk_size` target tokens at a time (`losses.head_sum`: about 2 x chunk x V
+    float32 values at the peak).
     """
 
     streams = ("replay",)
 
-    def __init__(self, weight: float = 1.0, k: int | None = None, chunk_size: int | None = 256,
+    def __init__(self, weight: float = 1.0, k: int | None = None, chunk_size: int | None = None,
                  name: str | None = None) -> None:
         """
         Args:
             weight: Multiplier of this term in the loss.
             k: Use only the first k cached tokens (they are sorted by probability); None: all.
-            chunk_size: Positions per chunk; None: the whole sequence at once.
+            chunk_size: Target tokens per chunk; None: sized by the vocabulary
+                (`losses.LOGITS_PER_CHUNK` logits at once).
             name: Log key suffix; default `kl_from_cached_top_k`.
         """
         super().__init__(weight, name)

@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from ..losses import chunked_target_mean
+from ..losses import Logits, chunked_target_mean
 from .base import Regularizer
 
 
@@ -96,13 +96,11 @@ class KLToReference(Regularizer):
     for `direction`, `beta` and `temperature`. Needs the module's frozen reference (built
     automatically: a frozen copy, or the LoRA model with adapters off).
 
-    Memory: the trainable model's (B, T, V) logits are already held for the losses; the
-    reference contributes its (B, T, H) final hidden states, and the divergence is formed
-    `chunk_size` positions at a time under activation checkpointing: the reference's head is
-    applied to one chunk, so the peak extra memory is about 3 x B x chunk_size x V float32 values
-    for the forward KL (reference logits, log p_ref and p_ref; `_ForwardKL`; 5 for the reverse KL
-    and the JSD), in the forward and again when the chunk is recomputed in the backward pass;
-    the (B, T, V) float32 reference logits never exist.
+    Memory: the reference contributes its (B, T, H) final hidden states; the divergence is formed
+    `chunk_size` target tokens at a time (`losses.head_sum`), both models' heads applied to one
+    chunk, so the peak extra memory is a few chunk x V float32 values (the reference's logits,
+    log p_ref and p_ref, `_ForwardKL`; more for the reverse KL and the JSD); neither model's
+    (B, T, V) logits exist.
     """
 
     needs_reference = True
@@ -114,7 +112,7 @@ class KLToReference(Regularizer):
         direction: Literal["forward", "reverse"] = "forward",
         beta: float | None = None,
         temperature: float = 1.0,
-        chunk_size: int | None = 256,
+        chunk_size: int | None = None,
         name: str | None = None,
     ) -> None:
         """
@@ -131,7 +129,8 @@ class KLToReference(Regularizer):
                 distributions), but beta=0 and beta=1 are the forward and reverse KLs
                 themselves (`token_divergence`).
             temperature: Both distributions are softened by this temperature.
-            chunk_size: Positions per chunk of the divergence; None: the whole sequence at once.
+            chunk_size: Target tokens per chunk of the divergence; None: sized by the vocabulary
+                (`losses.LOGITS_PER_CHUNK` logits at once).
             name: Log key suffix; default `kl_to_reference`.
         """
         super().__init__(weight, name)
@@ -160,11 +159,12 @@ class KLToReference(Regularizer):
         hidden = self.reference.hidden_states(b["input_ids"], b["attention_mask"])
         return self.divergence(outputs[self.on], hidden, b["labels"])
 
-    def divergence(self, logits: torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def divergence(self, logits: Logits | torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean divergence over target positions, from trainable logits and reference hidden states.
 
         Args:
-            logits: (B, T, V) trainable logits (position t predicts labels[:, t + 1]).
+            logits: The trainable model's `Logits` (or (B, T, V) logits); position t predicts
+                labels[:, t + 1].
             hidden: (B, T, H) reference hidden states; `self.reference.logits` maps them to logits.
             labels: (B, T) targets, IGNORE_INDEX where no loss is taken.
         """
@@ -172,5 +172,5 @@ class KLToReference(Regularizer):
                                    per=self.normalize)
 
     def _per_token(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        ref_logits = self.reference.logits(hidden)  # (B, chunk, V), no grad
+        ref_logits = self.reference.logits(hidden)  # (chunk, V), no grad
         return token_divergence(logits, ref_logits, self.direction, self.beta, self.temperature)

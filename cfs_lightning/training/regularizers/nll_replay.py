@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..losses import mean_token_nll
+from ..losses import mean_token_loss
 from .base import Regularizer
 
 
@@ -20,4 +20,4 @@ class NLLReplay(Regularizer):
     streams = ("replay",)
 
     def __call__(self, batch: dict, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return mean_token_nll(outputs["replay"], batch["replay"]["labels"], self.normalize)
+        return mean_token_loss(outputs["replay"], batch["replay"]["labels"], self.normalize)

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from ...tokens import eval_mode
-from ..losses import chunked_target_mean, normalizer, target_positions
+from ..losses import Logits, head_sum, normalizer, target_positions
 from .base import Regularizer
 from .kl_to_reference import token_divergence
 
@@ -53,7 +53,7 @@ class SelfDistillation(Regularizer):
         beta: float | None = None,
         temperature: float = 1.0,
         skip_tokens: int = 0,
-        chunk_size: int | None = 256,
+        chunk_size: int | None = None,
         name: str | None = None,
     ) -> None:
         """
@@ -71,7 +71,7 @@ class SelfDistillation(Regularizer):
             temperature: Both distributions are softened by this temperature.
             skip_tokens: The first response tokens of each row that take no loss (TRL
                 `num_loss_tokens_to_skip`).
-            chunk_size: Positions per chunk of the divergence; None: all at once.
+            chunk_size: Target tokens per chunk of the divergence; None: sized by the vocabulary.
             name: Log key suffix; default `self_distillation`.
         """
         super().__init__(weight, name)
@@ -97,13 +97,13 @@ class SelfDistillation(Regularizer):
     def setup(self, module) -> None:
         self.reference, self._module = module.reference, module
 
-    def _live_teacher(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, V) logits of the weights being trained, in eval mode (dropout off, as a teacher
-        runs in TRL) and without gradient; the model's train mode is restored after."""
+    def _live_teacher(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Logits:
+        """The `Logits` of the weights being trained, in eval mode (dropout off, as a teacher runs
+        in TRL) and without gradient; the model's train mode is restored after."""
         with torch.no_grad(), eval_mode(self._module.model):
-            return self._module(input_ids, attention_mask)
+            return self._module.logits(input_ids, attention_mask)
 
-    def __call__(self, batch: dict, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def __call__(self, batch: dict, outputs: dict[str, Logits]) -> torch.Tensor:
         if "onpolicy_teacher" not in batch:
             raise KeyError("SelfDistillation reads the teacher's view of the on-policy rows (stream "
                            "`onpolicy_teacher`); add OnlineReplay(sampler: trainable, prompts: task, "
@@ -113,22 +113,22 @@ class SelfDistillation(Regularizer):
         t_pos = response_positions(teacher["labels"], self.skip_tokens)
         if not torch.equal(s_pos.sum(1), t_pos.sum(1)):
             raise ValueError("SelfDistillation: the student and teacher rows have different response lengths")
-        logits = outputs["onpolicy"][s_pos]  # (N, V), row-major: the same tokens in the same order
         if self.teacher == "base":
-            hidden = self.reference.hidden_states(teacher["input_ids"], teacher["attention_mask"])[t_pos]
+            states = self.reference.hidden_states(teacher["input_ids"], teacher["attention_mask"])
             head = self.reference.logits
         else:
-            hidden = self._live_teacher(teacher["input_ids"], teacher["attention_mask"])[t_pos]
-            head = None
-        targets = torch.zeros(1, logits.size(0) + 1, dtype=torch.long, device=logits.device)  # all count
+            live = self._live_teacher(teacher["input_ids"], teacher["attention_mask"])
+            states, head = live.hidden, live.head
+        # The teacher's rows moved to the student's positions: both row-major, the same tokens in
+        # the same order.
+        aligned = states.new_zeros(*s_pos.shape, states.size(-1))
+        aligned[s_pos] = states[t_pos]
 
         def per_token(chunk: torch.Tensor, teacher_chunk: torch.Tensor) -> torch.Tensor:
-            ref = head(teacher_chunk) if head is not None else teacher_chunk
+            with torch.no_grad():
+                ref = head(teacher_chunk) if head is not None else teacher_chunk
             return token_divergence(chunk, ref, self.direction if self.beta is None else "forward",
                                     self.beta, self.temperature)
 
-        mean = chunked_target_mean(per_token, targets, logits[None], hidden[None], chunk_size=self.chunk_size)
-        if self.normalize == "token":
-            return mean
-        # The rows were flattened into one: the same sum, divided by the student's rows instead.
-        return mean * s_pos.sum() / normalizer(s_pos, self.normalize)
+        total = head_sum(per_token, outputs["onpolicy"], s_pos, aligned, chunk_size=self.chunk_size)
+        return total / normalizer(s_pos, self.normalize)
