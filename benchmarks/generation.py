@@ -12,6 +12,7 @@ from harness import Setting, figure, interleaved, ratios
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cfs_lightning.sampling import InverseCDFSampler, SamplingConfig, sample_context_free
+from cfs_lightning.tokens import pad_token_id, resolve_start_token
 
 SINGLE = 2
 """Sequences the one-at-a-time loop samples per repetition (it is the slow arm)."""
@@ -22,15 +23,17 @@ def sampled(model, tokenizer, cfg: SamplingConfig, n: int) -> list[list[int]]:
 
 
 def generation_figures(setting: Setting, model_dir: Path, batch_size: int, new_tokens: int,
-                       large_batch: int | None = None) -> tuple[list[dict], dict]:
+                       large_batch: int | None = None, start_token: str | None = None,
+                       against_transformers: bool = False) -> tuple[list[dict], dict]:
     """Figures and raw rates (generated or forwarded tokens per second). `batch_size` is the
     sampling batch the targets apply to; `large_batch` adds an untargeted row showing how the
-    first ratio grows with the batch."""
+    first ratio grows with the batch; `against_transformers` adds transformers' own
+    `generate(do_sample=True)` from the same start token at the same batch."""
     dtype = torch.bfloat16 if setting.precision.startswith("bf16") else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(setting.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     # stop_at_eos=False: every row has exactly new_tokens tokens, so all arms count the same work.
-    cfg = dict(max_new_tokens=new_tokens, stop_at_eos=False)
+    cfg = dict(max_new_tokens=new_tokens, stop_at_eos=False, start_token=start_token)
     latest: dict[int, torch.Tensor] = {}  # batch size -> the rows it sampled last
 
     def batched(rep: int, batch_size: int = batch_size) -> float:
@@ -57,7 +60,22 @@ def generation_figures(setting: Setting, model_dir: Path, batch_size: int, new_t
         setting.sync()
         return SINGLE * new_tokens / (time.perf_counter() - start)
 
+    def transformers_sampling(rep: int) -> float:
+        start_id = resolve_start_token(tokenizer, start_token)
+        ids = torch.full((batch_size, 1), start_id, device=setting.device)
+        torch.manual_seed(rep)
+        with torch.no_grad():
+            setting.sync()
+            start = time.perf_counter()
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
+                           top_p=1.0, temperature=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           pad_token_id=pad_token_id(tokenizer))
+            setting.sync()
+        return batch_size * new_tokens / (time.perf_counter() - start)
+
     arms = {"batched": batched, "forward": forward, "single": single}
+    if against_transformers:
+        arms["transformers"] = transformers_sampling
     for size in filter(None, (batch_size, large_batch)):
         batched(-1, size)  # warm-up (the first generate call builds caches), and rows to forward
     if large_batch:
@@ -70,6 +88,9 @@ def generation_figures(setting: Setting, model_dir: Path, batch_size: int, new_t
         figure("generation tok/s / one-sequence-at-a-time generate", ratios(rates, "batched", "single"),
                   10, ">="),
     ]
+    if against_transformers:
+        figures.append(figure(f"generation tok/s / transformers generate(do_sample=True) tok/s (batch {batch_size})",
+                              ratios(rates, "batched", "transformers"), 1.5, ">="))
     if large_batch:
         figures.append(figure(f"generation tok/s (batch {large_batch}) / teacher-forced forward tok/s",
                               ratios(rates, "large batch", "large forward"), None, ">="))

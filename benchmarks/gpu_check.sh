@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: one run of at most 8 minutes on one H100/H200 that exercises every GPU path.
+# The GPU check: one run of at most 10 minutes (the step limits sum to 585 s) on one H100/H200 that exercises every GPU path.
 #   1. build   a Llama-3.2-1B-shaped model (random weights, the real Llama-3.1 tokenizer and stops)
 #   2. sample  context-free replay from it in bf16: tokens/s; every sequence starts at BOS and ends
 #              at the first of the generation config's stops
@@ -8,12 +8,14 @@
 #              lm-eval score
 #   4. fit     the same under configs/strategies/fsdp2.yaml (FSDP2)
 #   5. bench   benchmarks/run.py --device cuda (step-time ratios, MFU, generation, memory), shortened
+#   6. shapes  benchmarks/run.py --device cuda --model smollm2|gemma3 --random_weights: every method's
+#              step time and peak memory at the real checkpoints' shapes (Gemma 3's 262k-token head)
 # Each step has its own time limit and a failing step does not stop the others; the last lines are
 # one RESULT per step. Logs and results go to $OUT (default runs/gpu_check).
 #
 # The GPU machine lacks datasets, lm-eval and jsonargparse and cannot download: first, here,
 #   bash scripts/fetch_gpu_wheels.sh
-# then, with the device tool: command `bash benchmarks/gpu_check.sh`, carry [".whl"], timeout 540.
+# then, with the device tool: command `bash benchmarks/gpu_check.sh`, carry [".whl"], timeout 600.
 # On a CPU machine with the project's venv, `GPU_CHECK_SIZE=tiny bash benchmarks/gpu_check.sh`
 # runs steps 1-4 on a tiny model (FSDP1 reported as skipped) to check the script itself.
 set -uo pipefail
@@ -66,6 +68,11 @@ if [ "$SIZE" = 1b ]; then
   step bench 140 "$PY" benchmarks/run.py --device cuda --repeats 2 --steps 5 --warmup 2 --no_trl \
     --out "$OUT/results-cuda.json"
   tail -22 "$OUT/bench.log"
+  for shape in smollm2 gemma3; do  # the real checkpoints' shapes, random weights: 262k-token head included
+    step "shape-$shape" 75 "$PY" benchmarks/run.py --device cuda --model "$shape" --random_weights --repeats 1 \
+      --steps 3 --warmup 1 --gen_tokens 32 --no_trl --out "$OUT/results-cuda-$shape.json"
+    tail -24 "$OUT/shape-$shape.log"
+  done
 fi
 echo "=== results ($((SECONDS - began)) s)"
 cat "$OUT/results.jsonl"

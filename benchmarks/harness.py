@@ -8,6 +8,7 @@ import ctypes
 import functools
 import gc
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +32,17 @@ SIZES = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, max_position_embeddings=4096, tie_word_embeddings=True),
 }
+SHAPES = {
+    # The real checkpoints' shapes (their config.json), for random weights where they cannot be
+    # fetched (the GPU check): the vocabulary is the real one, the tokenizer the benchmark's.
+    "smollm2": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                              num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                              tie_word_embeddings=True, vocab_size=49_152)),
+    "gemma3": ("gemma3_text", dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                                   num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                                   query_pre_attn_scalar=256, sliding_window=512, max_position_embeddings=32768,
+                                   tie_word_embeddings=True, vocab_size=262_144)),
+}
 TEXT = Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare" / "train.txt"
 
 
@@ -47,6 +59,8 @@ class Setting:
     steps: int
     warmup: int
     precision: str
+    memory_every: float | None = None
+    """Real checkpoints: every timed fit also records its peak memory, sampled this often (s)."""
 
     @property
     def replay_batch_size(self) -> int:
@@ -59,11 +73,13 @@ class Setting:
 
 
 def build_model_dir(out: Path, size: str, vocab_size: int = 2048, seed: int = 0) -> Path:
-    """A model directory (random weights, BPE tokenizer trained on tinyshakespeare) of `size`."""
+    """A model directory (random weights, BPE tokenizer trained on tinyshakespeare) of `size`: one
+    of `SIZES`, or of `SHAPES` (whose head keeps the real vocabulary's width)."""
     tokenizer = train_tokenizer([str(TEXT)], vocab_size)
-    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+    model_type, shape = SHAPES[size] if size in SHAPES else ("llama", {"vocab_size": len(tokenizer), **SIZES[size]})
+    config = AutoConfig.for_model(model_type, bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                  **SIZES[size])
+                                  **shape)
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -113,8 +129,9 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def trainer(setting: Setting, max_steps: int, callbacks: list[L.Callback]) -> L.Trainer:
-    return L.Trainer(accelerator=setting.device, devices=1, max_steps=max_steps, precision=setting.precision,
+def trainer(setting: Setting, max_steps: int, callbacks: list[L.Callback], precision: str | None = None) -> L.Trainer:
+    return L.Trainer(accelerator=setting.device, devices=1, max_steps=max_steps,
+                     precision=precision or setting.precision,
                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
                      enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
                      callbacks=callbacks)
@@ -189,10 +206,34 @@ class _HeapPeak(TorchDispatchMode):
         return out
 
 
+class _SampledHeapPeak:
+    """The peak of `heap_in_use()`, sampled every `every` seconds by a thread: cheap enough to run
+    inside timed steps of a large model, where a check after every aten op (`_HeapPeak`) would
+    double the step time; a tensor that lives less than `every` can be missed."""
+
+    def __init__(self, every: float) -> None:
+        self.every, self.peak, self._stop = every, heap_in_use(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.peak = max(self.peak, heap_in_use())
+
+    def __enter__(self) -> _SampledHeapPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, heap_in_use())
+
+
 @contextlib.contextmanager
-def peak_memory(device: str) -> Iterator[dict]:
+def peak_memory(device: str, every: float | None = None) -> Iterator[dict]:
     """Yields a dict whose `bytes` is, after the block, the peak memory in use during it minus the
-    memory in use before it (CUDA: allocated bytes; CPU: malloc'd bytes)."""
+    memory in use before it (CUDA: allocated bytes; CPU: malloc'd bytes, read after every aten op,
+    or with `every` set, every `every` seconds: `_SampledHeapPeak`)."""
     free()
     result: dict = {}
     if device == "cuda":
@@ -202,6 +243,6 @@ def peak_memory(device: str) -> Iterator[dict]:
         result["bytes"] = torch.cuda.max_memory_allocated() - before
         return
     before = heap_in_use()
-    with _HeapPeak() as tracker:
+    with (_HeapPeak() if every is None else _SampledHeapPeak(every)) as tracker:
         yield result
     result["bytes"] = tracker.peak - before

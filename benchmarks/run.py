@@ -9,8 +9,12 @@ The model is a Llama shape with random weights built from config (`--size small`
 for CPUs; `--size 1b`: the Llama-3.2-1B body, for a GPU) and a BPE tokenizer trained on the
 shipped tinyshakespeare text; nothing is downloaded. Training figures use fixed random batches
 (the data pipeline is timed on its own, on the toy GSM8K task and generated replay).
+`--model smollm2|gemma3` measures a real pretrained checkpoint instead (fetched by `cfs fetch`
+when missing): every method's step time and peak memory against plain fine-tuning, the chunked
+losses against whole (B, T, V) logits, bf16 against float32, MFU, TRL's SFTTrainer and sampling.
     python benchmarks/run.py                                  # CPU, ~7 minutes on 2 cores
     python benchmarks/run.py --device cuda                    # GPU: 1B shape, bf16-mixed
+    python benchmarks/run.py --model smollm2                  # SmolLM2-135M-Instruct, bf16-mixed
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generation import generation_figures, sampler_figures  # noqa: E402
 from harness import Setting, build_model_dir, figure, ratios, task_batch  # noqa: E402
-from training import (loader_figure, memory_figures, mfu_figure, scratch, step_figures, step_times,  # noqa: E402
-                      topk_replay)
+from training import (REAL_ARMS, loader_figure, memory_figures, mfu_figure, real_memory_figures, scratch,  # noqa: E402
+                      step_figures, step_times, topk_replay)
 
+from cfs_lightning.checkpoints import fetch
 from cfs_lightning.sampling import Budget, SamplingConfig
 from cfs_lightning.replay.context_free import generate_replay
 
@@ -41,6 +46,11 @@ DEFAULTS = {  # per device: size, batch, sequence length, generation batch, repe
                 precision="32-true"),
     "cuda": dict(size="1b", batch_size=8, seq_len=1024, gen_batch=64, repeats=5, steps=10, warmup=3,
                  precision="bf16-mixed"),
+    "real": dict(batch_size=8, seq_len=256, gen_batch=64, repeats=3, steps=2, warmup=1, precision="bf16-mixed"),
+}
+MODELS = {  # --model: the checkpoint (`cfs fetch --name`) and the token its documents start with
+    "smollm2": ("smollm2-135m-instruct", "<|endoftext|>"),
+    "gemma3": ("gemma-3-270m", None),
 }
 
 
@@ -48,6 +58,9 @@ def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--size", choices=["small", "1b"], help="model shape (default: small on CPU, 1b on CUDA)")
+    parser.add_argument("--model", choices=sorted(MODELS), help="a real pretrained checkpoint instead of --size")
+    parser.add_argument("--random_weights", action="store_true",
+                        help="with --model: the checkpoint's shape with random weights, nothing fetched (the GPU check)")
     parser.add_argument("--batch_size", type=int, help="task sequences per step")
     parser.add_argument("--replay_ratio", type=float, default=0.5, help="replay sequences per task sequence")
     parser.add_argument("--seq_len", type=int, help="tokens per training sequence")
@@ -62,7 +75,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--no_trl", action="store_true", help="skip the TRL SFTTrainer comparison")
     parser.add_argument("--out", help="JSON file to write (default: benchmarks/results-<device>.json)")
     args = parser.parse_args()
-    for key, value in DEFAULTS[args.device].items():
+    if args.model and args.size:
+        parser.error("give --model or --size, not both")
+    for key, value in DEFAULTS["real" if args.model else args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -72,6 +87,8 @@ def parse() -> argparse.Namespace:
 
 def main() -> None:
     args = parse()
+    if args.model:
+        return main_real(args)
     setting = Setting(device=args.device, size=args.size, batch_size=args.batch_size, replay_ratio=args.replay_ratio,
                       seq_len=args.seq_len, repeats=args.repeats, steps=args.steps, warmup=args.warmup,
                       precision=args.precision)
@@ -101,8 +118,8 @@ def main() -> None:
     raw["step_seconds"] = times
     figures += step_figures(setting, times)
     if not args.no_trl:
-        figures.append(figure("step time: plain FT / TRL SFTTrainer", ratios(times, "plain FT", "TRL SFTTrainer"),
-                              1.0, "<="))
+        figures.append(figure("step time: plain FT / TRL SFTTrainer (its default gradient checkpointing)",
+                              ratios(times, "plain FT", "TRL SFTTrainer"), 1.0, "<="))
     mfu, raw["mfu"] = mfu_figure(setting, model_dir, times)
     figures.append(mfu)
 
@@ -123,17 +140,83 @@ def main() -> None:
     print(f"\nwritten to {out} ({report['wall_seconds']:.0f} s)")
 
 
+def main_real(args: argparse.Namespace) -> None:
+    """The figures on a real checkpoint: no data-loader or LoRA rows (the small shape has them)."""
+    name, start_token = MODELS[args.model]
+    work = scratch()
+    if args.random_weights:
+        model_dir, start_token = build_model_dir(work / "model", args.model), None
+    else:
+        model_dir = fetch(name)[name]
+    setting = Setting(device=args.device, size=name, batch_size=args.batch_size, replay_ratio=args.replay_ratio,
+                      seq_len=args.seq_len, repeats=args.repeats, steps=args.steps, warmup=args.warmup,
+                      precision=args.precision, memory_every=0.005)
+    began = time.perf_counter()
+    figures, raw = [], {}
+    gen, raw["generation_tokens_per_s"] = generation_figures(setting, model_dir, args.gen_batch, args.gen_tokens,
+                                                             start_token=start_token, against_transformers=True)
+    figures += gen
+
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    gen_ids = torch.Generator().manual_seed(1)
+    task = task_batch(setting.batch_size, setting.seq_len, vocab, gen_ids)
+    replay_ids = torch.randint(3, vocab, (setting.replay_batch_size, setting.seq_len), generator=gen_ids)
+    base = AutoModelForCausalLM.from_pretrained(model_dir).to(setting.device).eval()
+    both = {"task": task, "replay": topk_replay(base, replay_ids)}
+    copy_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    del base
+
+    peaks = {}
+    extra = {}
+    if not args.no_trl:
+        from trl_baseline import trl_step_time
+        extra["TRL SFTTrainer"] = lambda rep: trl_step_time(setting, model_dir, task, work / "trl",
+                                                            peaks.setdefault("TRL SFTTrainer", []))
+    times = step_times(setting, model_dir, both, extra, REAL_ARMS, peaks)
+    raw["step_seconds"], raw["peak_bytes"] = times, peaks
+    figures += step_figures(setting, times)
+    if not args.no_trl:  # SFTTrainer checkpoints activations by default: compared with the arm that does too
+        figures.append(figure("step time: plain FT with activation checkpointing / TRL SFTTrainer (its default "
+                              "gradient checkpointing)", ratios(times, "plain FT, activation checkpointing",
+                                                                "TRL SFTTrainer"), 1.0, "<="))
+    mfu, raw["mfu"] = mfu_figure(setting, model_dir, times)
+    fp32 = Setting(**{**vars(setting), "precision": "32-true"})
+    mfu32, raw["mfu_32"] = mfu_figure(fp32, model_dir, {"plain FT": times["plain FT, 32-true"]})
+    figures += [mfu, mfu32]
+    figures += real_memory_figures(peaks, copy_bytes)
+
+    report = {"setting": vars(args), "machine": _machine(), "figures": figures, "raw": raw,
+              "wall_seconds": time.perf_counter() - began}
+    out = Path(args.out or Path(__file__).parent / f"results-{args.model}.json")
+    out.write_text(json.dumps(report, indent=1))
+    print(table(report))
+    print(f"\nwritten to {out} ({report['wall_seconds']:.0f} s)")
+
+
 def _machine() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine()}
+            "cpu": _cpu_model()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo) and the bf16 matrix units it reports."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    units = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return f"{name} ({', '.join(units) or 'no bf16 units'})"
+
+
 def table(report: dict) -> str:
     s = report["setting"]
-    lines = [f"{s['size']} model on {s['device']} ({s['precision']}), batch {s['batch_size']} task + "
+    name = f"{s['model']}{' shape (random weights)' if s.get('random_weights') else ''}" if s.get("model") else s["size"]
+    lines = [f"{name} model on {s['device']} ({s['precision']}), batch {s['batch_size']} task + "
              f"replay ratio {s['replay_ratio']}, {s['seq_len']} tokens per sequence, medians of "
              f"{s['repeats']} interleaved repetitions\n",
              "| figure | median | range over repetitions | bound | met |", "|---|---|---|---|---|"]
@@ -145,6 +228,13 @@ def table(report: dict) -> str:
     mfu = report["raw"]["mfu"]
     lines.append(f"\nmeasured peak matmul rate ({mfu['matmul_dtype']}): {mfu['peak_matmul_flops'] / 1e12:.2f} TFLOP/s; "
                  f"plain FT achieved {mfu['achieved_flops'] / 1e12:.3f} TFLOP/s")
+    if "mfu_32" in report["raw"]:
+        mfu = report["raw"]["mfu_32"]
+        lines.append(f"measured peak matmul rate ({mfu['matmul_dtype']}): {mfu['peak_matmul_flops'] / 1e12:.2f} TFLOP/s; "
+                     f"plain FT achieved {mfu['achieved_flops'] / 1e12:.3f} TFLOP/s")
+    if "peak_bytes" in report["raw"]:
+        lines.append("peak memory GiB (largest over repetitions, model construction included): " + ", ".join(
+            f"{k} {max(v) / 2**30:.2f}" for k, v in report["raw"]["peak_bytes"].items()))
     steps = report["raw"]["step_seconds"]
     lines.append("median step seconds: " + ", ".join(f"{k} {statistics.median(v):.4f}" for k, v in steps.items()))
     return "\n".join(lines)

@@ -3,6 +3,7 @@ throughput and peak memory per way of holding the reference."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import tempfile
 import time
@@ -30,13 +31,18 @@ ON_POLICY_EVERY = 4  # steps between samplings, as in configs/toy/methods/on-pol
 @dataclass(frozen=True)
 class Arm:
     """One way of training: its regularizers, whether the batch carries cached replay, the task
-    loss, and whether the trainable model samples on-policy rows (with the teacher's view)."""
+    loss, whether the trainable model samples on-policy rows (with the teacher's view), a
+    precision other than the run's, and whether the losses read whole (B, T, V) logits instead of
+    the hidden states a chunk at a time (`CausalLMFineTuner.head_split` off)."""
 
     regularizers: Callable[[], list] = list
     replay: bool = False
     task_loss: str = "nll"
     onpolicy: bool = False
     demonstrations: bool = False
+    precision: str | None = None
+    whole_logits: bool = False
+    activation_checkpointing: bool = False
 
 
 ARMS = {
@@ -51,19 +57,32 @@ ARMS = {
     "on-policy KL": Arm(lambda: [KLToReference(on="onpolicy", direction="reverse")], onpolicy=True),
     "SDFT": Arm(lambda: [SelfDistillation()], task_loss="none", onpolicy=True, demonstrations=True),
 }
+REAL_ARMS = {name: arm for name, arm in ARMS.items() if not arm.onpolicy} | {
+    "plain FT, whole logits": Arm(whole_logits=True),
+    "plain FT, 32-true": Arm(precision="32-true"),
+    "plain FT, activation checkpointing": Arm(activation_checkpointing=True),
+}
+"""The arms run on real checkpoints: the on-policy ones are left out (sampling 256-token
+responses inside the fit would dominate the run's time), the whole-logits step, float32 and activation checkpointing added."""
 GSM8K = Path(__file__).resolve().parent.parent / "data" / "gsm8k" / "train.jsonl"
 
 
 def fit_once(setting: Setting, model_dir: Path, regularizers: list, batch: dict, steps: int,
              lora: LoRA | None = None, task_loss: str = "nll", callbacks: tuple[L.Callback, ...] = (),
-             warmup: int | None = None) -> list[float]:
+             warmup: int | None = None, arm: Arm | None = None, peaks: list | None = None) -> list[float]:
     """Seconds per training step of a fresh module, the first `warmup` (default: the setting's)
     left out. The timer runs first, so a step's time includes the callbacks' work at its start
-    (on-policy sampling)."""
-    module = CausalLMFineTuner(str(model_dir), regularizers=regularizers, lora=lora, task_loss=task_loss)
-    timer = StepTimer(setting)
-    trainer(setting, steps, [timer, *callbacks]).fit(module, datamodule=FixedBatches(batch, steps))
-    del module
+    (on-policy sampling). With `setting.memory_every`, the fit's peak memory is appended to `peaks`."""
+    arm, timer = arm or Arm(), StepTimer(setting)
+    tracked = peak_memory(setting.device, setting.memory_every) if setting.memory_every else contextlib.nullcontext({})
+    with tracked as result:  # the model's construction included, as TRL's arm counts it
+        module = CausalLMFineTuner(str(model_dir), regularizers=regularizers, lora=lora, task_loss=task_loss,
+                                   activation_checkpointing=arm.activation_checkpointing)
+        module.head_split = module.head_split and not arm.whole_logits
+        trainer(setting, steps, [timer, *callbacks], arm.precision).fit(module, datamodule=FixedBatches(batch, steps))
+        del module
+    if setting.memory_every:
+        peaks.append(result["bytes"])
     free()
     return timer.times[setting.warmup if warmup is None else warmup:]
 
@@ -85,51 +104,56 @@ def on_policy_sampler(setting: Setting, demonstrations: bool) -> OnlineReplay:
 
 
 def step_times(setting: Setting, model_dir: Path, both: dict[str, dict],
-               extra: dict[str, Callable[[int], float]]) -> dict[str, list[float]]:
+               extra: dict[str, Callable[[int], float]], arms: dict[str, Arm] = ARMS,
+               peaks: dict[str, list[int]] | None = None) -> dict[str, list[float]]:
     """Step time of each arm (and of `extra` ones), per repetition, the arms interleaved: the
     median over a fit's timed steps; for on-policy arms the mean over whole sampling rounds (warm-up
-    and timed steps rounded up to rounds), so the sampling step's cost is spread over its round."""
+    and timed steps rounded up to rounds), so the sampling step's cost is spread over its round.
+    With `setting.memory_every`, `peaks` gathers each arm's peak memory per repetition."""
     task_only = {"task": both["task"]}
+    peaks = {} if peaks is None else peaks
 
     def arm(name: str):
-        spec = ARMS[name]
+        spec = arms[name]
         batch = both if spec.replay else task_only
         if not spec.onpolicy:
             steps = setting.warmup + setting.steps
             return lambda rep: statistics.median(
-                fit_once(setting, model_dir, spec.regularizers(), batch, steps, task_loss=spec.task_loss))
+                fit_once(setting, model_dir, spec.regularizers(), batch, steps, task_loss=spec.task_loss,
+                         arm=spec, peaks=peaks.setdefault(name, [])))
         warmup = _round_up(setting.warmup)
         return lambda rep: statistics.mean(fit_once(
             setting, model_dir, spec.regularizers(), batch, warmup + _round_up(setting.steps),
             task_loss=spec.task_loss, callbacks=(on_policy_sampler(setting, spec.demonstrations),), warmup=warmup))
 
-    return interleaved({**{name: arm(name) for name in ARMS}, **extra}, setting.repeats)
+    return interleaved({**{name: arm(name) for name in arms}, **extra}, setting.repeats)
 
 
 def step_figures(setting: Setting, times: dict[str, list[float]]) -> list[dict]:
+    """One ratio per arm against its baseline, for the arms this run has."""
     r = setting.replay_batch_size / setting.batch_size
-    return [
-        figure(f"step time: NLLReplay (r={r:g}) / plain FT", ratios(times, "NLLReplay", "plain FT"),
-               1.05 * (1 + r), "<="),
-        figure("step time: KLToReference (frozen copy) / plain FT",
-               ratios(times, "KLToReference", "plain FT"), 1.05 * (1 + r + r / 3), "<="),
-        figure("step time: KLFromCachedTopK / NLLReplay", ratios(times, "KLFromCachedTopK", "NLLReplay"),
-               1.05, "<="),
-        figure("step time: L2ToInit / plain FT", ratios(times, "L2ToInit", "plain FT"), 1.03, "<="),
-        figure("step time: EMA / plain FT", ratios(times, "EMA", "plain FT"), 1.03, "<="),
-        figure("step time: DFT task loss / plain FT", ratios(times, "DFT", "plain FT"), 1.05, "<="),
-        figure("step time: ASFT (DFT + task KL to a frozen copy) / plain FT", ratios(times, "ASFT", "plain FT"),
-               1.05 * (1 + 1 / 3), "<="),
-        figure(f"step time: on-policy KL (sampling every {ON_POLICY_EVERY} steps) / plain FT",
-               ratios(times, "on-policy KL", "plain FT"), None, "<="),
-        figure(f"step time: SDFT (sampling every {ON_POLICY_EVERY} steps) / plain FT",
-               ratios(times, "SDFT", "plain FT"), None, "<="),
+    every = f"sampling every {ON_POLICY_EVERY} steps"
+    rows = [  # figure, numerator, denominator, bound
+        (f"NLLReplay (r={r:g}) / plain FT", "NLLReplay", "plain FT", 1.05 * (1 + r)),
+        ("KLToReference (frozen copy) / plain FT", "KLToReference", "plain FT", 1.05 * (1 + r + r / 3)),
+        ("KLFromCachedTopK / NLLReplay", "KLFromCachedTopK", "NLLReplay", 1.05),
+        ("L2ToInit / plain FT", "L2ToInit", "plain FT", 1.03),
+        ("EMA / plain FT", "EMA", "plain FT", 1.03),
+        ("DFT task loss / plain FT", "DFT", "plain FT", 1.05),
+        ("ASFT (DFT + task KL to a frozen copy) / plain FT", "ASFT", "plain FT", 1.05 * (1 + 1 / 3)),
+        (f"on-policy KL ({every}) / plain FT", "on-policy KL", "plain FT", None),
+        (f"SDFT ({every}) / plain FT", "SDFT", "plain FT", None),
+        ("plain FT / plain FT with whole (B, T, V) logits", "plain FT", "plain FT, whole logits", 1.0),
+        (f"plain FT, {setting.precision} / plain FT, 32-true", "plain FT", "plain FT, 32-true", None),
+        ("plain FT with activation checkpointing / plain FT", "plain FT, activation checkpointing", "plain FT", None),
     ]
+    return [figure(f"step time: {name}", ratios(times, num, den), bound, "<=")
+            for name, num, den, bound in rows if num in times and den in times]
 
 
 def matmul_peak(setting: Setting, dtype: torch.dtype, n: int | None = None, reps: int = 10) -> float:
     """Measured FLOP/s of a large square matmul: the device's practical peak for `dtype`."""
-    n = n or (8192 if setting.device == "cuda" else 1024)
+    n = n or (8192 if setting.device == "cuda" else 2048)
     a = torch.randn(n, n, device=setting.device, dtype=dtype)
     b = torch.randn(n, n, device=setting.device, dtype=dtype)
     a @ b
@@ -209,6 +233,26 @@ def memory_figures(setting: Setting, model_dir: Path, both: dict[str, dict]) -> 
                peaks["full FT + KLFromCachedTopK"] / peaks["full FT + NLLReplay"], 1.05, "<="),
     ]
     return figures, {f"peak bytes: {k}": v for k, v in peaks.items()}
+
+
+def real_memory_figures(peaks: dict[str, list[int]], copy_bytes: int) -> list[dict]:
+    """Peak memory figures from the timed fits (each arm's largest peak over its repetitions):
+    the chunked losses against whole logits, what the frozen copy adds beyond its weights (KL
+    against NLL replay, the same batch), and plain fine-tuning against TRL's SFTTrainer."""
+    peak = {name: max(values) for name, values in peaks.items()}
+    figures = [
+        figure("peak memory: plain FT / plain FT with whole (B, T, V) logits",
+               peak["plain FT"] / peak["plain FT, whole logits"], 0.5, "<="),
+        figure("peak memory: plain FT with activation checkpointing / plain FT with whole logits",
+               peak["plain FT, activation checkpointing"] / peak["plain FT, whole logits"], 0.5, "<="),
+        figure("peak memory: (KLToReference - NLLReplay) / the frozen copy's weights",
+               (peak["KLToReference"] - peak["NLLReplay"]) / copy_bytes, 1.1, "<="),
+    ]
+    if "TRL SFTTrainer" in peak:
+        figures.append(figure("peak memory: plain FT with activation checkpointing / TRL SFTTrainer (its default "
+                              "gradient checkpointing)", peak["plain FT, activation checkpointing"]
+                              / peak["TRL SFTTrainer"], 1.0, "<="))
+    return figures
 
 
 def topk_replay(model: torch.nn.Module, replay_ids: torch.Tensor, k: int = 20) -> dict[str, torch.Tensor]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from pathlib import Path
 
-from harness import Setting, free
+from harness import Setting, free, peak_memory
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 
@@ -25,10 +26,12 @@ class _StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def trl_step_time(setting: Setting, model_dir: Path, task: dict, out: Path) -> float:
+def trl_step_time(setting: Setting, model_dir: Path, task: dict, out: Path, peaks: list | None = None) -> float:
     """Median step time of a fresh `SFTTrainer` on the rows of `task` (the plain FT batch): same
     model, batch size, sequence length, AdamW and precision, no gradient clipping (the Lightning
-    arm clips none either); warm-up steps left out."""
+    arm clips none either), and SFTConfig's own default of gradient checkpointing; warm-up steps
+    left out. With `setting.memory_every`, the peak memory
+    of model construction and training is appended to `peaks`, as `training.fit_once` does."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -43,10 +46,13 @@ def trl_step_time(setting: Setting, model_dir: Path, task: dict, out: Path) -> f
         packing=False, padding_free=False, dataset_num_proc=None,
     )
     timer = _StepTimer(setting)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=rows,
-                         processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[timer])
-    trainer.train()
-    del trainer, model
+    with peak_memory(setting.device, setting.memory_every) if setting.memory_every else contextlib.nullcontext() as result:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=rows,
+                             processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[timer])
+        trainer.train()
+        del trainer, model
+    if setting.memory_every:
+        peaks.append(result["bytes"])
     free()
     return statistics.median(timer.times[setting.warmup:])

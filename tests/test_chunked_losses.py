@@ -91,12 +91,16 @@ def test_the_gradient_reaches_only_what_requires_it_and_scales_with_the_loss_wei
         reduction="none"), labels), [hidden, head.weight])
     torch.testing.assert_close(hidden.grad, expected[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(head.weight.grad, expected[1], rtol=1e-10, atol=1e-12)
+    twice = mean_token_loss(stream, labels)
+    twice.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="differentiated twice"):
+        twice.backward()
     with torch.no_grad():  # no gradient wanted: values only, no graph
         assert not mean_token_loss(Logits(hidden, fn, tuple(head.parameters()), V), labels).requires_grad
 
 
 def test_chunk_size_is_refused_below_one_and_sized_by_the_vocabulary_otherwise():
-    assert losses.chunk_tokens(262_144) == 64 and losses.chunk_tokens(49_152) == 341
+    assert losses.chunk_tokens(262_144) == 256 and losses.chunk_tokens(49_152) == 1365
     assert losses.chunk_tokens(262_144, 7) == 7
     with pytest.raises(ValueError, match="chunk_size must be >= 1 or None, got 0"):
         losses.chunk_tokens(100, 0)
@@ -159,3 +163,50 @@ def _largest_in_a_step(model, dm, vocab):
                         limit_val_batches=0)
     trainer.fit(model, datamodule=dm)
     return spy, seen
+
+
+def test_activation_checkpointing_keeps_the_gradients_and_saves_a_fraction_of_the_activations(tiny_model_dir):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 500, (4, 128), generator=g)
+    mask, labels = torch.ones_like(ids), ids.clone()
+    found = {}
+    for on in (False, True):
+        module = CausalLMFineTuner(str(tiny_model_dir), activation_checkpointing=on)
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            hidden = module.logits(ids, mask)
+        mean_token_loss(hidden, labels).backward()
+        found[on] = (sum(saved), {n: p.grad for n, p in module.model.named_parameters()})
+    assert found[True][0] < 0.5 * found[False][0], found
+    for name, grad in found[False][1].items():
+        torch.testing.assert_close(found[True][1][name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_the_documented_term_example_is_the_entropy_of_the_whole_logits(tiny_model_dir, tmp_path, monkeypatch):
+    """docs/methods.md's example of a new term runs on the module's `Logits` and equals the same
+    mean computed from whole logits."""
+    import re
+
+    from .conftest import REPO
+
+    code = re.search(r"<!-- term-example -->\n```python\n(.*?)```", (REPO / "docs/methods.md").read_text(), re.S)
+    (tmp_path / "my_terms.py").write_text(code.group(1))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from my_terms import ReplayEntropy
+
+    module = CausalLMFineTuner(str(tiny_model_dir))
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[1, 6:] = IGNORE_INDEX
+    batch = {"replay": {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}}
+    got = ReplayEntropy()(batch, {"replay": module.logits(ids, torch.ones_like(ids))})
+    logp = module(ids, torch.ones_like(ids)).log_softmax(-1)
+    expected = _whole_mean(-(logp.exp() * logp).sum(-1), labels)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    got.backward()
+    assert module.hf_model.get_output_embeddings().weight.grad.abs().sum() > 0

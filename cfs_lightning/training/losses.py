@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 from ..tokens import IGNORE_INDEX
 
-LOGITS_PER_CHUNK = 2**24
-"""Logits formed at once by default (64 MiB in float32): the chunk holds this many divided by the
-vocabulary size tokens, e.g. 341 for SmolLM2's 49,152 and 64 for Gemma 3's 262,144."""
+LOGITS_PER_CHUNK = 2**26
+"""Logits formed at once by default (256 MiB in float32): the chunk holds this many divided by the
+vocabulary size tokens, e.g. 1,365 for SmolLM2's 49,152 and 256 for Gemma 3's 262,144."""
 
 Normalization = Literal["token", "sequence"]
 NORMALIZATIONS = ("token", "sequence")
@@ -88,17 +88,18 @@ class _ChunkedHead(torch.autograd.Function):
 
     The forward pass also forms, chunk by chunk, the sum's gradients with respect to the hidden
     rows and the head's parameters (by autograd on the chunk alone), and keeps only those; the
-    backward pass scales them by the incoming gradient. No chunk's logits outlive it.
+    backward pass scales them, in place, by the incoming gradient. No chunk's logits outlive it.
+    The gradients are buffers of this call, not inputs or outputs, so they are kept on `ctx`.
     """
 
     @staticmethod
     def forward(ctx, per_token, head, size, n_extras, hidden, *tensors):
         extras, params = tensors[:n_extras], tensors[n_extras:]
         wants_hidden = ctx.needs_input_grad[4]
-        wants = [p for p, w in zip(params, ctx.needs_input_grad[5 + n_extras:]) if w]
+        wants = [i for i, w in enumerate(ctx.needs_input_grad[5 + n_extras:]) if w]
         acc = torch.promote_types(hidden.dtype, torch.float32)
         grad_hidden = torch.zeros_like(hidden) if wants_hidden else None
-        grad_params = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in wants]
+        grad_params: dict[int, torch.Tensor] = {}  # the first chunk's gradient becomes the buffer
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, hidden.size(0), size):
             rows = slice(start, start + size)
@@ -106,27 +107,33 @@ class _ChunkedHead(torch.autograd.Function):
             with torch.enable_grad():
                 logits = head(h) if head is not None else h
                 value = per_token(logits, *(x[rows] for x in extras)).sum()
-            grads = torch.autograd.grad(value, ([h] if wants_hidden else []) + wants, allow_unused=True)
+            grads = torch.autograd.grad(value, ([h] if wants_hidden else []) + [params[i] for i in wants],
+                                        allow_unused=True)
             if wants_hidden:
                 grad_hidden[rows] = grads[0]
-                grads = grads[1:]
-            for buffer, g in zip(grad_params, grads):
-                if g is not None:
-                    buffer += g
+            for i, g in zip(wants, grads[1:] if wants_hidden else grads):
+                if g is None:  # a parameter this head does not use
+                    continue
+                if i in grad_params:
+                    grad_params[i] += g
+                else:
+                    grad_params[i] = g.to(torch.promote_types(g.dtype, torch.float32))
             total += value.detach().to(acc)
-        ctx.wants_hidden, ctx.wants = wants_hidden, list(ctx.needs_input_grad[5 + n_extras:])
-        ctx.param_dtypes = [p.dtype for p in wants]
-        ctx.save_for_backward(*([grad_hidden] if wants_hidden else []), *grad_params)
+        ctx.grads, ctx.n_extras, ctx.dtypes = (grad_hidden, grad_params), n_extras, [p.dtype for p in params]
         return total
 
     @staticmethod
     def backward(ctx, grad):
-        saved = list(ctx.saved_tensors)
-        grad_hidden = saved.pop(0) * grad if ctx.wants_hidden else None
-        out_params, dtypes = iter(saved), iter(ctx.param_dtypes)
-        params = [(next(out_params) * grad).to(next(dtypes)) if w else None for w in ctx.wants]
-        n_extras = len(ctx.needs_input_grad) - 5 - len(ctx.wants)
-        return (None, None, None, None, grad_hidden, *([None] * n_extras), *params)
+        if ctx.grads is None:
+            raise RuntimeError("a chunked loss was differentiated twice; its gradients are used up by the first "
+                               "backward pass (retain_graph is not supported)")
+        grad_hidden, grad_params = ctx.grads
+        ctx.grads = None  # scaled in place below: one backward pass
+        if grad_hidden is not None:
+            grad_hidden.mul_(grad)
+        params = [grad_params[i].mul_(grad).to(dtype) if i in grad_params else None
+                  for i, dtype in enumerate(ctx.dtypes)]
+        return (None, None, None, None, grad_hidden, *([None] * ctx.n_extras), *params)
 
 
 def head_sum(

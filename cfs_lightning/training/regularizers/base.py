@@ -49,8 +49,11 @@ class Regularizer:
         reference model, ...).
       - `__call__(batch, outputs)` returns the scalar term for one step. `batch` maps stream
         names ("task", "replay") to padded batches; `outputs` maps each stream listed in
-        `streams` to the trainable model's (B, T, V) logits on it, computed once per step and
-        shared by all regularizers.
+        `streams` to the trainable model's `losses.Logits` on it (its final hidden states and
+        output head), computed once per step and shared by all regularizers. Form a term with
+        `losses.chunked_target_mean(per_token, labels, outputs[stream], ...)`: `per_token` sees
+        (N, V) logits of a chunk of target tokens, so the (B, T, V) logits never exist;
+        `outputs[stream].full()` forms them whole, for small vocabularies only.
       - `on_after_optimizer_step(module)` runs after every optimizer step (weight averaging).
       - `eval_weights(module)` is a context manager that validation and the retained-task
         evaluation run inside (weight averaging swaps its average in there).
