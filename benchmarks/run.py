@@ -132,12 +132,7 @@ def main() -> None:
     mem, raw["memory"] = memory_figures(setting, model_dir, both)
     figures += mem
 
-    report = {"setting": vars(args), "machine": _machine(), "figures": figures, "raw": raw,
-              "wall_seconds": time.perf_counter() - began}
-    out = Path(args.out or Path(__file__).parent / f"results-{args.device}.json")
-    out.write_text(json.dumps(report, indent=1))
-    print(table(report))
-    print(f"\nwritten to {out} ({report['wall_seconds']:.0f} s)")
+    report(args, figures, raw, began, f"results-{args.device}.json")
 
 
 def main_real(args: argparse.Namespace) -> None:
@@ -185,12 +180,17 @@ def main_real(args: argparse.Namespace) -> None:
     figures += [mfu, mfu32]
     figures += real_memory_figures(peaks, copy_bytes)
 
-    report = {"setting": vars(args), "machine": _machine(), "figures": figures, "raw": raw,
+    report(args, figures, raw, began, f"results-{args.model}.json")
+
+
+def report(args: argparse.Namespace, figures: list[dict], raw: dict, began: float, default: str) -> None:
+    """Print the table and write it with the raw timings as JSON (`--out`, or `default` here)."""
+    result = {"setting": vars(args), "machine": _machine(), "figures": figures, "raw": raw,
               "wall_seconds": time.perf_counter() - began}
-    out = Path(args.out or Path(__file__).parent / f"results-{args.model}.json")
-    out.write_text(json.dumps(report, indent=1))
-    print(table(report))
-    print(f"\nwritten to {out} ({report['wall_seconds']:.0f} s)")
+    out = Path(args.out or Path(__file__).parent / default)
+    out.write_text(json.dumps(result, indent=1))
+    print(table(result))
+    print(f"\nwritten to {out} ({result['wall_seconds']:.0f} s)")
 
 
 def _machine() -> dict:

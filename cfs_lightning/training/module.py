@@ -69,6 +69,10 @@ class CausalLMFineTuner(L.LightningModule):
 
     The module owns the frozen reference model when a regularizer needs one (`reference`), and
     optionally trains LoRA adapters instead of all weights (`lora`).
+
+    The losses read each stream as `losses.Logits` (`logits`): the final hidden states and the
+    output head, applied a chunk of target tokens at a time, so no (B, T, V) tensor is formed
+    (`head_split`, checked at construction against the model's own logits).
     """
 
     def __init__(
