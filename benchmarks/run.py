@@ -103,12 +103,8 @@ def main() -> None:
     draws, raw["sampler_seconds"] = sampler_figures(setting, args.gen_batch)
     figures += draws
 
-    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    gen_ids = torch.Generator().manual_seed(1)
-    task = task_batch(setting.batch_size, setting.seq_len, vocab, gen_ids)
-    replay_ids = torch.randint(3, vocab, (setting.replay_batch_size, setting.seq_len), generator=gen_ids)
-    base = AutoModelForCausalLM.from_pretrained(model_dir).to(setting.device).eval()  # float32: top-k and replay
-    both = {"task": task, "replay": topk_replay(base, replay_ids)}
+    base, both = fixed_batches(setting, model_dir)
+    task = both["task"]
 
     extra = {}
     if not args.no_trl:
@@ -135,6 +131,17 @@ def main() -> None:
     report(args, figures, raw, began, f"results-{args.device}.json")
 
 
+def fixed_batches(setting: Setting, model_dir: Path) -> tuple[torch.nn.Module, dict[str, dict]]:
+    """The base model (float32, eval) and the fixed training batches every arm trains on: random
+    task rows, and replay rows carrying the base's cached top-k."""
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    gen_ids = torch.Generator().manual_seed(1)
+    task = task_batch(setting.batch_size, setting.seq_len, vocab, gen_ids)
+    replay_ids = torch.randint(3, vocab, (setting.replay_batch_size, setting.seq_len), generator=gen_ids)
+    base = AutoModelForCausalLM.from_pretrained(model_dir).to(setting.device).eval()
+    return base, {"task": task, "replay": topk_replay(base, replay_ids)}
+
+
 def main_real(args: argparse.Namespace) -> None:
     """The figures on a real checkpoint: no data-loader or LoRA rows (the small shape has them)."""
     name, start_token = MODELS[args.model]
@@ -152,12 +159,8 @@ def main_real(args: argparse.Namespace) -> None:
                                                              start_token=start_token, against_transformers=True)
     figures += gen
 
-    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    gen_ids = torch.Generator().manual_seed(1)
-    task = task_batch(setting.batch_size, setting.seq_len, vocab, gen_ids)
-    replay_ids = torch.randint(3, vocab, (setting.replay_batch_size, setting.seq_len), generator=gen_ids)
-    base = AutoModelForCausalLM.from_pretrained(model_dir).to(setting.device).eval()
-    both = {"task": task, "replay": topk_replay(base, replay_ids)}
+    base, both = fixed_batches(setting, model_dir)
+    task = both["task"]
     copy_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     del base
 

@@ -87,9 +87,10 @@ class _ChunkedHead(torch.autograd.Function):
     """sum_n per_token(head(hidden[n]), *extras[n]) over rows n, a chunk of rows at a time.
 
     The forward pass also forms, chunk by chunk, the sum's gradients with respect to the hidden
-    rows and the head's parameters (by autograd on the chunk alone), and keeps only those; the
-    backward pass scales them, in place, by the incoming gradient. No chunk's logits outlive it.
-    The gradients are buffers of this call, not inputs or outputs, so they are kept on `ctx`.
+    rows and the head's parameters that need one (by autograd on the chunk alone), and keeps only
+    those; the backward pass scales them, in place, by the incoming gradient. No chunk's logits
+    outlive it. With no input needing a gradient, the chunks run without autograd. The gradients
+    are buffers of this call, not inputs or outputs, so they are kept on `ctx`.
     """
 
     @staticmethod
@@ -101,12 +102,16 @@ class _ChunkedHead(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if wants_hidden else None
         grad_params: dict[int, torch.Tensor] = {}  # the first chunk's gradient becomes the buffer
         total = torch.zeros((), dtype=acc, device=hidden.device)
+        differentiated = wants_hidden or bool(wants)
         for start in range(0, hidden.size(0), size):
             rows = slice(start, start + size)
             h = hidden[rows].detach().requires_grad_(wants_hidden)
-            with torch.enable_grad():
+            with torch.set_grad_enabled(differentiated):
                 logits = head(h) if head is not None else h
                 value = per_token(logits, *(x[rows] for x in extras)).sum()
+            total += value.detach().to(acc)
+            if not differentiated:
+                continue
             grads = torch.autograd.grad(value, ([h] if wants_hidden else []) + [params[i] for i in wants],
                                         allow_unused=True)
             if wants_hidden:
@@ -118,7 +123,6 @@ class _ChunkedHead(torch.autograd.Function):
                     grad_params[i] += g
                 else:
                     grad_params[i] = g.to(torch.promote_types(g.dtype, torch.float32))
-            total += value.detach().to(acc)
         ctx.grads, ctx.n_extras, ctx.dtypes = (grad_hidden, grad_params), n_extras, [p.dtype for p in params]
         return total
 
@@ -155,17 +159,11 @@ def head_sum(
     logits = as_logits(logits)
     hidden = logits.hidden[positions]  # (N, H)
     rows = [x[positions] for x in inputs]
-    size = chunk_tokens(logits.vocab, chunk_size)
-    params = [p for p in logits.params if p.requires_grad]
-    if torch.is_grad_enabled() and (hidden.requires_grad or params):
-        return _ChunkedHead.apply(per_token, logits.head, size, len(rows), hidden, *rows, *params)
-    total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
-    with torch.no_grad():
-        for start in range(0, hidden.size(0), size):
-            chunk = slice(start, start + size)
-            z = logits.head(hidden[chunk]) if logits.head is not None else hidden[chunk]
-            total += per_token(z, *(x[chunk] for x in rows)).sum()
-    return total
+    # Under no_grad nothing is differentiated: no input is marked as needing a gradient.
+    params = [p for p in logits.params if p.requires_grad] if torch.is_grad_enabled() else []
+    hidden = hidden if torch.is_grad_enabled() else hidden.detach()
+    return _ChunkedHead.apply(per_token, logits.head, chunk_tokens(logits.vocab, chunk_size), len(rows),
+                              hidden, *rows, *params)
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
