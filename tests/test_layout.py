@@ -11,8 +11,8 @@ from .conftest import REPO
 
 PACKAGE = REPO / "cfs_lightning"
 LAYERS = [
-    {"cfs_lightning", "tokens", "io", "commands", "loading"},  # leaves: import nothing of ours
-    {"chat", "evaluation", "checkpoints"},
+    {"cfs_lightning", "tokens", "io", "commands", "loading", "streams"},  # leaves: import nothing of ours
+    {"chat", "evaluation", "checkpoints", "scores"},
     {"tasks"},
     {"sampling", "shards"},  # the artifacts every stage shares
     {"replay", "rewrite", "data", "training"},  # the stages: none imports another

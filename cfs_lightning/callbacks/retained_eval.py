@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -11,7 +9,7 @@ import torch
 from lm_eval.tasks import TaskManager
 
 from ..evaluation import evaluate_lm, task_manager_for, task_specs
-from ..io import write_text
+from ..scores import EVAL, FORGET, write_scores
 from ..training.sharding import full_params_for_eval, is_sharded
 
 
@@ -21,7 +19,7 @@ class RetainedEval(L.Callback):
     Logs `eval/<task>/<metric>` and `forget/<task>/<metric>`: the change since the first
     evaluation (fit start, unless `on_fit_start` is off), signed so that positive means worse (a
     drop of a higher-is-better metric, a rise of a loss). The history is kept in `self.history`,
-    written to `<log_dir>/retained_eval.json`, and saved in checkpoints, so a resumed fit keeps
+    written to the run's scores file (`scores.write_scores`), and saved in checkpoints, so a resumed fit keeps
     measuring forgetting against the original start.
 
     Under DDP or FSDP every process takes part: each scores its share of the documents (all of
@@ -88,17 +86,17 @@ class RetainedEval(L.Callback):
         self.higher_is_better = better
         if self.baseline is None:
             self.baseline = values
-        metrics = {f"eval/{k}": v for k, v in values.items()}
+        metrics = {f"{EVAL}{k}": v for k, v in values.items()}
         for k, v in values.items():
             delta = v - self.baseline[k]
-            metrics[f"forget/{k}"] = -delta if better[k] else delta
+            metrics[f"{FORGET}{k}"] = -delta if better[k] else delta
         self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         log_dir = trainer.log_dir  # a collective call under some strategies: every rank asks
         if trainer.is_global_zero and log_dir:
-            write_text(Path(log_dir) / "retained_eval.json", json.dumps(self.history, indent=2))
+            write_scores(log_dir, self.history)
         return metrics
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
