@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cfs_lightning.data import Collator
 from cfs_lightning.shards import load_shards, read_manifest
-from cfs_lightning.training.regularizers import token_divergence, topk_forward_kl
+from cfs_lightning.training.losses import token_divergence
+from cfs_lightning.training.regularizers import topk_forward_kl
 
 
 @torch.no_grad()

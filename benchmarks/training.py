@@ -19,6 +19,7 @@ from harness import (FixedBatches, Setting, StepTimer, figure, free, interleaved
 from cfs_lightning.data import ReplayConfig, ReplayDataModule
 from cfs_lightning.tasks import TaskSource
 from cfs_lightning.training.lora import LoRA
+from cfs_lightning.training.task_losses import DFT, NLL, TaskLoss
 from cfs_lightning.training import CausalLMFineTuner
 from cfs_lightning.callbacks import OnlineReplay
 from cfs_lightning.sampling import SamplingConfig
@@ -37,7 +38,7 @@ class Arm:
 
     regularizers: Callable[[], list] = list
     replay: bool = False
-    task_loss: str = "nll"
+    task_loss: Callable[[], TaskLoss | None] = NLL
     onpolicy: bool = False
     demonstrations: bool = False
     precision: str | None = None
@@ -52,10 +53,10 @@ ARMS = {
     "KLFromCachedTopK": Arm(lambda: [KLFromCachedTopK()], replay=True),
     "L2ToInit": Arm(lambda: [L2ToInit()]),
     "EMA": Arm(lambda: [EMA()]),
-    "DFT": Arm(task_loss="dft"),
-    "ASFT": Arm(lambda: [KLToReference(weight=0.1, on="task", direction="forward")], task_loss="dft"),
+    "DFT": Arm(task_loss=DFT),
+    "ASFT": Arm(lambda: [KLToReference(weight=0.1, on="task", direction="forward")], task_loss=DFT),
     "on-policy KL": Arm(lambda: [KLToReference(on="onpolicy", direction="reverse")], onpolicy=True),
-    "SDFT": Arm(lambda: [SelfDistillation()], task_loss="none", onpolicy=True, demonstrations=True),
+    "SDFT": Arm(lambda: [SelfDistillation()], task_loss=lambda: None, onpolicy=True, demonstrations=True),
 }
 REAL_ARMS = {name: arm for name, arm in ARMS.items() if not arm.onpolicy} | {
     "plain FT, whole logits": Arm(whole_logits=True),
@@ -68,7 +69,7 @@ GSM8K = Path(__file__).resolve().parent.parent / "data" / "gsm8k" / "train.jsonl
 
 
 def fit_once(setting: Setting, model_dir: Path, regularizers: list, batch: dict, steps: int,
-             lora: LoRA | None = None, task_loss: str = "nll", callbacks: tuple[L.Callback, ...] = (),
+             lora: LoRA | None = None, task_loss: Callable[[], TaskLoss | None] = NLL, callbacks: tuple[L.Callback, ...] = (),
              warmup: int | None = None, arm: Arm | None = None, peaks: list | None = None) -> list[float]:
     """Seconds per training step of a fresh module, the first `warmup` (default: the setting's)
     left out. The timer runs first, so a step's time includes the callbacks' work at its start
@@ -76,7 +77,7 @@ def fit_once(setting: Setting, model_dir: Path, regularizers: list, batch: dict,
     arm, timer = arm or Arm(), StepTimer(setting)
     tracked = peak_memory(setting.device, setting.memory_every) if setting.memory_every else contextlib.nullcontext({})
     with tracked as result:  # the model's construction included, as TRL's arm counts it
-        module = CausalLMFineTuner(str(model_dir), regularizers=regularizers, lora=lora, task_loss=task_loss,
+        module = CausalLMFineTuner(str(model_dir), regularizers=regularizers, lora=lora, task_loss=task_loss(),
                                    activation_checkpointing=arm.activation_checkpointing)
         module.head_split = module.head_split and not arm.whole_logits
         trainer(setting, steps, [timer, *callbacks], arm.precision).fit(module, datamodule=FixedBatches(batch, steps))

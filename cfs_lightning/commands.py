@@ -22,6 +22,13 @@ class Command:
     """A data command (writes shards); `cfs study` runs these as its data steps."""
     lightning: bool = False
     """A LightningCLI subcommand: the function takes the whole command line."""
+    model_arg: str | None = None
+    """The argument naming the model it reads (`base.model`, `tokenizer`), which `cfs study` and
+    `cfs continual` set; None: the command cannot be one of their steps."""
+    output_arg: str | None = None
+    """The argument naming the folder it writes (`output.dir`, `output_dir`)."""
+    task_arg: str | None = None
+    """The argument taking the task's data, where it has one (`cfs continual` gives each stage's)."""
 
 
 COMMANDS: dict[str, Command] = {
@@ -29,22 +36,29 @@ COMMANDS: dict[str, Command] = {
     "validate": Command("experiments.runner:run_cli", "validate a model (LightningCLI)", lightning=True),
     "test": Command("experiments.runner:run_cli", "test a model (LightningCLI)", lightning=True),
     "generate": Command("replay.context_free:generate", "write context-free replay shards from a base model",
-                        data=True),
+                        data=True, model_arg="base.model", output_arg="output.dir", task_arg="task"),
     "contextual": Command("replay.contextual:contextual",
-                          "write contextual replay: the base model continuing the task prompts", data=True),
-    "corpus": Command("replay.corpus:corpus", "write replay shards of real text (a corpus)", data=True),
+                          "write contextual replay: the base model continuing the task prompts", data=True,
+                          model_arg="base.model", output_arg="output.dir", task_arg="task"),
+    "corpus": Command("replay.corpus:corpus", "write replay shards of real text (a corpus)", data=True,
+                      model_arg="tokenizer", output_arg="output.dir"),
     "dialogue": Command("replay.dialogue:dialogue",
-                        "write self-dialogue replay: the base model talking with itself", data=True),
+                        "write self-dialogue replay: the base model talking with itself", data=True,
+                        model_arg="base.model", output_arg="output.dir"),
     "self-output": Command("rewrite.self_output:self_output",
-                           "rewrite the task's targets with the base model's verified answers", data=True),
+                           "rewrite the task's targets with the base model's verified answers", data=True,
+                           model_arg="base.model", output_arg="output.dir", task_arg="task"),
     "rephrase": Command("rewrite.self_output:rephrase",
-                        "rewrite the task's targets with the base model's verified rephrasings", data=True),
+                        "rewrite the task's targets with the base model's verified rephrasings", data=True,
+                        model_arg="base.model", output_arg="output.dir", task_arg="task"),
     "token-mask": Command("rewrite.token_mask:token_mask_command",
-                          "drop the task's high-perplexity tokens from the loss (STM)", data=True),
+                          "drop the task's high-perplexity tokens from the loss (STM)", data=True,
+                          model_arg="base.model", output_arg="output.dir", task_arg="task"),
     "continual": Command("experiments.continual:continual",
                          "fine-tune on a sequence of tasks; report average score and BWT"),
     "interpolate": Command("experiments.wise_ft:interpolate",
-                           "WiSE-FT: evaluate weight interpolations of a base and a fine-tuned model"),
+                           "WiSE-FT: evaluate weight interpolations of a base and a fine-tuned model",
+                           model_arg="base", output_arg="output_dir"),
     "fetch": Command("checkpoints:fetch",
                      "download, verify and convert the real checkpoints cfs_lightning knows (SmolLM2, Gemma-3)"),
     "convert": Command("checkpoints:convert", "write a GGUF checkpoint as a safetensors model folder"),

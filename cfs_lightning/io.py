@@ -2,7 +2,8 @@
 
 Every file and folder cfs_lightning writes goes through here: a temporary sibling is written,
 flushed to disk and renamed over the target in one step, so a reader (or a rerun after a kill)
-never meets a half-written one, and an existing one is only ever replaced by a finished one.
+never meets a half-written one, and an existing one is only ever replaced by a finished one
+(a folder's old version waits aside, as `<name>.old`, until the new one is in place).
 `tempfile` creates its files 0600 and folders 0700; they are given the mode a plain `open` or
 `mkdir` would have (0666 / 0777 less the umask), so a colleague on a shared machine can read
 exported models, shards and results. `exclusive_lock` keeps a second writer of the same
@@ -46,38 +47,76 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _readable(folder: Path) -> None:
+def _settle(folder: Path) -> None:
     """Give what was written into `folder` a plain open's / mkdir's mode where a writer made it
-    private (safetensors writes its files 0600, whatever the umask)."""
+    private (safetensors writes its files 0600, whatever the umask), and flush it all to disk,
+    deepest first, so that the rename that publishes `folder` never publishes unwritten data."""
     mask = _umask()
-    for path in folder.rglob("*"):
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
         if path.is_symlink():
             continue
         mode = os.stat(path).st_mode
         wanted = (0o777 if path.is_dir() or mode & 0o100 else 0o666) & ~mask
         if mode & wanted != wanted:
             os.chmod(path, (mode | wanted) & 0o7777)
+        fsync(path)
+    fsync(folder)
+
+
+def _aside(out: Path) -> Path:
+    return out.with_name(out.name + ".old")
+
+
+def restore_dir(out: str | Path) -> None:
+    """Undo a `replace_dir` killed between its two renames: the old `out`, moved aside to
+    `<out>.old`, goes back in place (it is still the complete old version)."""
+    out = Path(out)
+    if _aside(out).is_dir() and not out.exists():
+        os.replace(_aside(out), out)
+        fsync(out.parent)
+
+
+def replace_dir(src: str | Path, out: str | Path) -> None:
+    """Publish the finished folder `src` as `out`, which is at every instant either the old
+    version or the new one, whole.
+
+    `src` (a sibling of `out`) is given the umask's modes and flushed to disk; an old `out` is
+    renamed aside to `<out>.old`, `src` renamed to `out`, and only then is the old one deleted. A
+    kill between the two renames leaves `<out>.old`, which `restore_dir` (called by every writer
+    before it looks at `out`) puts back.
+    """
+    src, out = Path(src), Path(out)
+    _settle(src)
+    old = _aside(out)
+    if old.exists():  # from an earlier kill; `src` is about to replace that version anyway
+        shutil.rmtree(old)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(src, out)
+    fsync(out.parent)
+    # The new version is in place and on disk: an old one that cannot be deleted now (a file
+    # held open on NFS) is only clutter, deleted by the next replace_dir of `out`.
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager
 def atomic_dir(out: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `out` to write into; on success it replaces `out`.
+    """Yield a temporary sibling of `out` to write into; on success it replaces `out`
+    (`replace_dir`).
 
     On any error the temporary directory is removed and `out` is left as it was.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    restore_dir(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        _readable(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        fsync(out.parent)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        restore_dir(out)  # a failure between replace_dir's renames
         raise
 
 

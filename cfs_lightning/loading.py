@@ -11,11 +11,14 @@ rebuilt as a plain model of the same config, so it trains, saves and exports lik
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 
 def _source(name: str) -> tuple[str, dict]:
@@ -45,9 +48,13 @@ def load_causal_lm(name: str, dtype: str | None = None, trust_remote_code: bool 
     torch_dtype = getattr(torch, dtype) if dtype else torch.float32
     if extra:
         return _plain_from_gguf(where, extra["gguf_file"], torch_dtype)
+    # A local folder loads in seconds and its bar would repeat on every fit; a hub model keeps
+    # its bars, which show the download.
+    quiet = transformers_bars_off() if Path(where).is_dir() else contextlib.nullcontext()
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            where, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+        with quiet:
+            return AutoModelForCausalLM.from_pretrained(
+                where, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
     except OSError as err:
         if "safetensors" not in str(err):
             raise
@@ -56,6 +63,21 @@ def load_causal_lm(name: str, dtype: str | None = None, trust_remote_code: bool 
             "(they can run arbitrary code). Convert it once with `from_pretrained(...)."
             "save_pretrained(dir)` in a trusted environment and load that directory"
         ) from err
+
+
+@contextlib.contextmanager
+def transformers_bars_off() -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights", "Writing model shards"; also the hub's
+    download bars) off for the block, for local work that takes seconds and repeats on every fit;
+    put back on after, unless they were off already (HF_HUB_DISABLE_PROGRESS_BARS)."""
+    if not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def _plain_from_gguf(folder: str, gguf_file: str, dtype: torch.dtype) -> PreTrainedModel:

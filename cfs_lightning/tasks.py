@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import datasets
+import numpy as np
 import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
@@ -132,10 +133,13 @@ class TaskSource:
             remove_columns=ds.column_names,
             desc="tokenizing task data",
         )
-        n_cut, n = sum(encoded["truncated"]), len(encoded)
+        # Rows picked from two columns read as arrays: a `filter` pass would run Python per row
+        # (and draw a progress bar of its own on every fit).
+        flags, n = encoded.with_format("numpy", columns=["truncated", "num_targets"])[:], len(encoded)
+        keep = flags["num_targets"] > 0
         if self.long_sequences == "drop":
-            encoded = encoded.filter(lambda row: not row["truncated"], desc="dropping long rows")
-        kept = encoded.filter(lambda row: row["num_targets"] > 0, desc="dropping empty rows")
+            keep &= ~flags["truncated"]
+        kept, n_cut = encoded.select(np.flatnonzero(keep)), int(flags["truncated"].sum())
         if n_cut:
             fate = ("were dropped" if self.long_sequences == "drop" else
                     f"were cut; {n - len(kept)} had no response token left and were dropped")

@@ -1,6 +1,6 @@
 """The special tokens every sampler and packer agrees on: where a sequence starts, where it stops,
 and what separates documents; the label of positions without loss (`IGNORE_INDEX`), the padding
-id, and the eval mode models are sampled and scored in.
+id and how rows are padded into a batch, and the eval mode models are sampled and scored in.
 
 Checkpoints disagree on these. Llama-3.x Instruct's tokenizer EOS is `<|eot_id|>` (the end of a
 chat turn) while documents end with `<|end_of_text|>`, and its generation config declares both
@@ -24,7 +24,7 @@ generation config names. Hence:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from peft import PeftModel
@@ -144,3 +144,20 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id batches are padded with: the tokenizer's pad token, else its EOS (padding carries
     no label and no attention, so its value never matters)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def pad_rows(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ids padded with `value` to the longest: a (B, T) int64 tensor and its (B, T) int64
+    attention mask, 1 on each row's own tokens.
+
+    Right padding (training, scoring: no padding sits before a token) unless `left` (generation:
+    each row's new tokens then follow its last token).
+    """
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.as_tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask

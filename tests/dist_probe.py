@@ -12,7 +12,7 @@ import lightning as L
 import torch
 
 from cfs_lightning.training.regularizers import EMA, L2ToInit
-from cfs_lightning.training.regularizers.base import local_shard
+from cfs_lightning.training.sharding import local_shard
 from cfs_lightning.training.sharding import is_sharded
 
 

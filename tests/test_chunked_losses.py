@@ -1,4 +1,4 @@
-"""The losses formed from hidden states a chunk at a time (`losses.head_sum`): the same values and
+"""The losses formed from hidden states a chunk at a time (`heads.head_sum`): the same values and
 gradients as whole (B, T, V) logits, in float64, and a training step that never holds (B, T, V)."""
 
 import lightning as L
@@ -11,10 +11,11 @@ from cfs_lightning.data import ReplayConfig, ReplayDataModule
 from cfs_lightning.tasks import TaskSource
 from cfs_lightning.tokens import IGNORE_INDEX
 from cfs_lightning.training import CausalLMFineTuner
-from cfs_lightning.training import losses
-from cfs_lightning.training.heads import postprocess_logits
-from cfs_lightning.training.losses import Logits, chunked_target_mean, dft, mean_token_loss, nll
-from cfs_lightning.training.regularizers import KLToReference, NLLReplay, token_divergence, topk_forward_kl
+from cfs_lightning.training import heads
+from cfs_lightning.training.heads import Logits, postprocess_logits
+from cfs_lightning.training.losses import chunked_target_mean, mean_token_loss, nll, token_divergence
+from cfs_lightning.training.regularizers import KLToReference, NLLReplay, topk_forward_kl
+from cfs_lightning.training.task_losses.dft import dft
 
 B, T, H, V = 3, 7, 5, 13
 
@@ -100,10 +101,10 @@ def test_the_gradient_reaches_only_what_requires_it_and_scales_with_the_loss_wei
 
 
 def test_chunk_size_is_refused_below_one_and_sized_by_the_vocabulary_otherwise():
-    assert losses.chunk_tokens(262_144) == 256 and losses.chunk_tokens(49_152) == 1365
-    assert losses.chunk_tokens(262_144, 7) == 7
+    assert heads.chunk_tokens(262_144) == 256 and heads.chunk_tokens(49_152) == 1365
+    assert heads.chunk_tokens(262_144, 7) == 7
     with pytest.raises(ValueError, match="chunk_size must be >= 1 or None, got 0"):
-        losses.chunk_tokens(100, 0)
+        heads.chunk_tokens(100, 0)
 
 
 class _LargestLogits(TorchDispatchMode):
@@ -132,7 +133,7 @@ def test_a_training_step_never_holds_the_whole_logits(tiny_model_dir, tiny_task_
     model = CausalLMFineTuner(str(tiny_model_dir), regularizers=[NLLReplay(), KLToReference()])
     vocab = model.hf_model.config.vocab_size
     assert model.head_split
-    monkeypatch.setattr(losses, "LOGITS_PER_CHUNK", 8 * vocab)
+    monkeypatch.setattr(heads, "LOGITS_PER_CHUNK", 8 * vocab)
     task = TaskSource(path="json", data_files=tiny_task_files, prompt="Q: {question}\nA:", response=" {answer}",
                       val_split="test", max_length=512)
     dm = ReplayDataModule(task, tokenizer=str(tiny_model_dir), batch_size=4, replay_ratio=0.5,

@@ -1,5 +1,8 @@
+import itertools
 import json
+import re
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -12,53 +15,56 @@ from cfs_lightning.shards import read_manifest
 
 from .conftest import REPO, write_jsonl
 
-FIT_CONFIGS = ["configs/toy/base/pretrain.yaml", "configs/toy/base/finetune.yaml",
-               "configs/toy2/base/pretrain.yaml", "configs/toy2/base/finetune.yaml",
-               "configs/real/smollm2/finetune.yaml", "configs/real/gemma3/finetune.yaml"]
-METHODS = ["ft", "cfs-nll", "cfs-kl", "cfs-kl-topk", "l2", "ema", "lora", "lora+cfs", "cs", "real-replay",
-           "self-dialogue", "online", "self-output", "rephrase", "stm", "dft", "asft", "on-policy-kl", "sdft"]
-OVERLAYS = {f"configs/toy/methods/{m}.yaml": "configs/toy/base/finetune.yaml" for m in METHODS}
-STRATEGY_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/strategies").glob("*.yaml"))
-PAPER_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/paper").glob("*.yaml"))
-OVERLAYS.update({s: "configs/toy/base/finetune.yaml" for s in STRATEGY_CONFIGS})  # added to a run's config
-FUNCTION_CONFIGS = {"configs/toy/base/init.yaml": "init", "configs/toy/data/cfs.yaml": "generate",
-                    "configs/toy/demo.yaml": "study", "configs/toy/interpolate.yaml": "interpolate",
-                    "configs/toy/data/contextual.yaml": "contextual",
-                    "configs/toy/data/corpus.yaml": "corpus",
-                    "configs/toy/data/self-output.yaml": "self-output",
-                    "configs/toy/data/rephrase.yaml": "rephrase",
-                    "configs/toy/data/token-mask.yaml": "token-mask",
-                    "configs/toy/data/dialogue.yaml": "dialogue",
-                    "configs/toy/continual.yaml": "continual", "configs/toy/study.yaml": "study",
-                    "configs/toy/study-peers.yaml": "study",
-                    "configs/toy/study-data.yaml": "study",
-                    **{f"configs/toy/ablation-{a}.yaml": "study" for a in ("budget", "temperature", "weight", "lr")},
-                    "configs/toy2/base/init.yaml": "init", "configs/toy2/data/cfs.yaml": "generate",
-                    "configs/toy2/data/contextual.yaml": "contextual", "configs/toy2/data/corpus.yaml": "corpus",
-                    "configs/toy2/study.yaml": "study",
-                    "configs/paper/data/olmo1b_math.yaml": "generate",
-                    "configs/real/smollm2/cfs.yaml": "generate", "configs/real/gemma3/cfs.yaml": "generate",
-                    "configs/real/smollm2/study.yaml": "study"}
-TASK_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/tasks").glob("*.yaml"))
+YAMLS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml"))
+TASK_CONFIGS = [c for c in YAMLS if c.startswith("configs/tasks/")]
+"""lm-eval task YAMLs, read by `RetainedEval`; every other YAML is run by a `cfs` command."""
+
+
+def header_command(config: str) -> tuple[str, list[str]] | None:
+    """The command line that a YAML's header gives to run it (STYLE.md: every YAML's header ends
+    with one): the command and its `--config` files in order, or None if the header names none.
+
+    `#   cfs fit --config configs/toy/base/finetune.yaml --config configs/toy/methods/ft.yaml`
+    gives `("fit", ["configs/toy/base/finetune.yaml", "configs/toy/methods/ft.yaml"])`.
+    """
+    runs_it = re.compile(rf"(?:\bcfs|cfs_lightning\.cli) ([a-z][a-z-]*) (.*?)--config {re.escape(config)}(?!\S)")
+    header = itertools.takewhile(lambda line: line.startswith("#"), (REPO / config).read_text().splitlines())
+    for line in header:
+        if found := runs_it.search(line):
+            return found.group(1), re.findall(r"--config (\S+)", found.group(2)) + [config]
+    return None
+
+
+RUNS = {c: run for c in YAMLS if c not in TASK_CONFIGS and (run := header_command(c))}
+FIT_RUNS = {c: configs for c, (command, configs) in RUNS.items() if command == "fit"}
+"""Every fit a header gives, by the config it documents: a config alone, or a method or strategy
+overlay after the config it is added to."""
+COMMAND_RUNS = {c: command for c, (command, _) in RUNS.items() if command != "fit"}
+"""Every other command (`init`, `generate`, `study`, ...) by its config."""
+METHODS = sorted(p.stem for p in (REPO / "configs/toy/methods").glob("*.yaml"))
 TOY_TASKS = ["configs/tasks/shakespeare_heldout.yaml", "configs/tasks/gsm8k_answers.yaml"]
 """The toy world's evaluations, run after every method's fit (every task YAML runs in the paper
 configs' test, whose tiny tokenizer has a chat template)."""
 
 
 def test_every_yaml_is_covered():
-    every = {str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")}
-    known = (set(FIT_CONFIGS) | set(OVERLAYS) | set(FUNCTION_CONFIGS) | set(TASK_CONFIGS)
-             | set(STRATEGY_CONFIGS) | set(PAPER_CONFIGS)
-             | {str(p.relative_to(REPO)) for p in (REPO / "configs/examples").glob("*.yaml")})
-    assert every == known
+    assert METHODS and FIT_RUNS and COMMAND_RUNS and TASK_CONFIGS
+    silent = sorted(set(YAMLS) - set(TASK_CONFIGS) - set(RUNS))
+    assert not silent, f"these YAMLs' headers give no command line that runs them: {silent}"
+    assert {f"configs/toy/methods/{m}.yaml" for m in METHODS} <= set(FIT_RUNS)
+    assert set(EXPECTED) <= {None, *METHODS}, "expectations of a method that has no overlay"
+    assert sorted(PAPER) == sorted(c for c in FIT_RUNS if c.startswith("configs/paper/"))
 
 
-@pytest.mark.parametrize("config", FIT_CONFIGS + sorted(OVERLAYS) + PAPER_CONFIGS + sorted(
-    str(p.relative_to(REPO)) for p in (REPO / "configs/examples").glob("*.yaml")))
+def test_the_configuration_docs_name_every_method_overlay():
+    docs = (REPO / "docs/configuration.md").read_text()
+    assert [m for m in METHODS if f"`{m}`" not in docs] == []
+
+
+@pytest.mark.parametrize("config", sorted(FIT_RUNS))
 def test_fit_configs_print_a_reusable_config(config, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
-    configs = [OVERLAYS[config], config] if config in OVERLAYS else [config]
-    args = ["fit"] + [a for c in configs for a in ("--config", c)]
+    args = ["fit"] + [a for c in FIT_RUNS[config] for a in ("--config", c)]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(args + ["--print_config"])
     assert exit_info.value.code == 0
@@ -72,11 +78,11 @@ def test_fit_configs_print_a_reusable_config(config, tmp_path, capsys, monkeypat
     assert yaml.safe_load(capsys.readouterr().out) == full
 
 
-@pytest.mark.parametrize("config", sorted(FUNCTION_CONFIGS))
+@pytest.mark.parametrize("config", sorted(COMMAND_RUNS))
 def test_command_configs_parse(config, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     with pytest.raises(SystemExit) as exit_info:
-        main([FUNCTION_CONFIGS[config], "--config", config, "--print_config"])
+        main([COMMAND_RUNS[config], "--config", config, "--print_config"])
     assert exit_info.value.code == 0
     assert yaml.safe_load(capsys.readouterr().out)
 
@@ -106,61 +112,111 @@ def test_pretrain_config_fast_dev_run(tmp_path, monkeypatch, tiny_model_dir):
     assert (tmp_path / "base" / "tokenizer.json").is_file()
 
 
-EXPECTED_TERMS = {"ft": set(), "cfs-nll": {"nll_replay"}, "cfs-kl": {"kl_to_reference"},
-                  "cfs-kl-topk": {"kl_from_cached_top_k"}, "l2": {"l2_to_init"}, "ema": set(),
-                  "lora": set(), "lora+cfs": {"nll_replay"}, "cs": {"nll_replay"}, "real-replay": {"nll_replay"},
-                  "self-output": set(), "rephrase": set(), "stm": set(), "dft": set(),
-                  "asft": {"kl_to_reference"}, "on-policy-kl": {"kl_to_reference"},
-                  "sdft": {"self_distillation"}}
-SAMPLERS = {  # online.yaml's, on-policy-kl.yaml's and sdft.yaml's callbacks, at test size
-    "online": {"class_path": "cfs_lightning.callbacks.OnlineReplay",
-               "init_args": {"every_n_steps": 1, "num_sequences": 4, "batch_size": 2, "sampling": {"max_new_tokens": 8}}},
-    "on-policy-kl": {"class_path": "cfs_lightning.callbacks.OnlineReplay",
-                     "init_args": {"every_n_steps": 1, "num_sequences": 4, "batch_size": 2,
-                                   "sampling": {"max_new_tokens": 8}, "sampler": "trainable", "prompts": "task",
-                                   "stream": "onpolicy"}},
-    "sdft": {"class_path": "cfs_lightning.callbacks.OnlineReplay",
-             "init_args": {"every_n_steps": 1, "num_sequences": 4, "batch_size": 2,
-                           "sampling": {"max_new_tokens": 8}, "sampler": "trainable", "prompts": "task",
-                           "stream": "onpolicy", "demonstrations": True}}}
+class Expected(NamedTuple):
+    """What one method's fit logs, written out by hand."""
+
+    terms: set[str]
+    """Its regularizers' terms, `train/reg/<name>`."""
+    reference: bool = False
+    """Whether it holds a frozen reference: its KL terms read one, and online replay samples from it."""
+    dft: bool = False
+    """Whether its task loss is DFT's, logged apart as `train/task_dft`."""
+    lora: bool = False
+    """Whether it trains LoRA adapters, exported apart under `adapter/`."""
+    replay_kl: bool = True
+    """Whether the meter's `val/replay_kl` is logged: from the reference, or else from the shards'
+    cached top-8 (self-dialogue's shards carry no top-k and it has no reference)."""
+
+
+EXPECTED = {None: Expected({"nll_replay"}), "ft": Expected(set()), "cfs-nll": Expected({"nll_replay"}),
+            "cfs-kl": Expected({"kl_to_reference"}, reference=True),
+            "cfs-kl-topk": Expected({"kl_from_cached_top_k"}), "l2": Expected({"l2_to_init"}),
+            "ema": Expected(set()), "lora": Expected(set(), lora=True),
+            "lora+cfs": Expected({"nll_replay"}, lora=True), "cs": Expected({"nll_replay"}),
+            "real-replay": Expected({"nll_replay"}), "self-dialogue": Expected({"nll_replay"}, replay_kl=False),
+            "online": Expected({"nll_replay"}, reference=True), "self-output": Expected(set()),
+            "rephrase": Expected(set()), "stm": Expected(set()), "dft": Expected(set(), dft=True),
+            "asft": Expected({"kl_to_reference"}, reference=True, dft=True),
+            "on-policy-kl": Expected({"kl_to_reference"}, reference=True),
+            "sdft": Expected({"self_distillation"}, reference=True)}
+"""Each method's own fit (None: finetune.yaml alone). A method not here is still run, and held to
+what every fit must do."""
+STAND_INS = {"generate": "tiny_replay_dir", "contextual": "tiny_replay_dir", "corpus": "tiny_replay_dir",
+             "dialogue": "tiny_dialogue_dir", "self-output": "tiny_task_shards", "rephrase": "tiny_task_shards",
+             "token-mask": "tiny_task_shards"}
+"""The fixture that stands in for the shards each data command writes."""
+
+
+def _yaml(config: str) -> dict:
+    return yaml.safe_load((REPO / config).read_text())
+
+
+WRITTEN_BY = {_yaml(c)["output"]["dir"]: command for c, command in COMMAND_RUNS.items()
+              if c.startswith("configs/toy/data/")}
+"""The toy world's shards folders, by the command that writes them."""
+
+
+def _stand_in_data(configs: list[str], request: pytest.FixtureRequest) -> list[str]:
+    """Overrides that point each shards folder the configs name at the fixture that stands in for
+    what the folder's command writes (self-dialogue's dialogues, Self-Output's task shards, ...)."""
+    overrides = []
+    for config in configs:
+        data = _yaml(config).get("data", {}).get("init_args", {})
+        for stream, field in (("replay", "dir"), ("task", "shards")):
+            if field in data.get(stream, {}):
+                fixture = request.getfixturevalue(STAND_INS[WRITTEN_BY[data[stream][field]]])
+                overrides.append(f"--data.init_args.{stream}.{field}={fixture}")
+    return overrides
+
+
+def _test_size_callbacks(configs: list[str]) -> list[dict]:
+    """The configs' callbacks (a later config's list replaces an earlier one's) at test size:
+    `RetainedEval` on 4 examples of the toy tasks, online replay of 4 short sequences every step."""
+    callbacks = [cbs for c in configs if (cbs := _yaml(c).get("trainer", {}).get("callbacks")) is not None][-1]
+    sized = [{"class_path": "cfs_lightning.callbacks.RetainedEval",
+              "init_args": {"tasks": TOY_TASKS, "limit": 4, "batch_size": 4}}]
+    for callback in callbacks:
+        args = callback.get("init_args", {})
+        if callback["class_path"].endswith(".OnlineReplay"):
+            callback = {**callback, "init_args": {**args, "every_n_steps": 1, "num_sequences": 4, "batch_size": 2,
+                                                  "sampling": {**args.get("sampling", {}), "max_new_tokens": 8}}}
+        if not callback["class_path"].endswith(".RetainedEval"):
+            sized.append(callback)
+    return sized
 
 
 @pytest.mark.parametrize("method", [None] + METHODS)
-def test_finetune_configs_fast_dev_run(method, tmp_path, monkeypatch, tiny_model_dir, tiny_replay_dir,
-                                      tiny_task_shards, tiny_dialogue_dir):
-    overlay = [f"configs/toy/methods/{method}.yaml"] if method else []
+def test_finetune_configs_fast_dev_run(method, tmp_path, monkeypatch, request, tiny_model_dir):
+    configs = FIT_RUNS[f"configs/toy/methods/{method}.yaml"] if method else ["configs/toy/base/finetune.yaml"]
     monkeypatch.chdir(REPO)
-    evals = tmp_path / "evals.yaml"
-    evals.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
-        "class_path": "cfs_lightning.callbacks.RetainedEval",
-        "init_args": {"tasks": TOY_TASKS, "limit": 4, "batch_size": 4}}] + ([SAMPLERS[method]] if method in SAMPLERS else [])}}))
-    args = ["fit", "--config", "configs/toy/base/finetune.yaml"]
-    for c in overlay + [str(evals)]:
-        args += ["--config", c]
-    own_data = {"self-dialogue": [f"--data.init_args.replay.dir={tiny_dialogue_dir}"]}
-    own_data.update({m: [f"--data.init_args.task.shards={tiny_task_shards}"] for m in ("self-output", "rephrase", "stm")})
-    cli = run_cli(args + ["--trainer.fast_dev_run=2", f"--model.init_args.pretrained={tiny_model_dir}",
-                          f"--data.init_args.replay.dir={tiny_replay_dir}", "--data.init_args.replay.val_size=8",
-                          *own_data.get(method, []),
-                          f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
-                          f"--export.dirpath={tmp_path / 'hf'}"])
-    metrics = cli.trainer.callback_metrics
+    test_size = tmp_path / "test_size.yaml"
+    test_size.write_text(yaml.safe_dump({"trainer": {"callbacks": _test_size_callbacks(configs)}}))
+    cli = run_cli(["fit", *(a for c in configs + [str(test_size)] for a in ("--config", c)),
+                   "--trainer.fast_dev_run=2", f"--model.init_args.pretrained={tiny_model_dir}",
+                   *_stand_in_data(configs, request), "--data.init_args.replay.val_size=8",
+                   f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+                   f"--export.dirpath={tmp_path / 'hf'}"])
+    metrics, module = cli.trainer.callback_metrics, cli.model
     terms = {k.removeprefix("train/reg/") for k in metrics if k.startswith("train/reg/")}
-    assert terms == EXPECTED_TERMS.get(method, {"nll_replay"})
+    assert terms == {r.name for r in module.regularizers if r.adds_term}  # each term, and no other, logged
     assert all(torch.isfinite(metrics[f"train/reg/{t}"]) for t in terms)
-    assert ("train/task_dft" in metrics) == (method in ("dft", "asft"))  # the DFT task loss, logged apart
-    if method in ("dft", "asft"):  # p < 1 weights every token down: the logged task_loss is the plain NLL
-        assert metrics["train/task_dft"] < metrics["train/task_loss"]
-    # the forgetting meter: replay KL from the reference or else the shards' cached top-8; the
-    # task KL needs the reference (the KL methods, and online replay, which samples from it)
-    # (self-dialogue's shards carry no top-k and it has no reference: its meter is off)
-    assert ("val/replay_kl" in metrics) == (method != "self-dialogue")
+    # the forgetting meter: the task KL needs the reference (the KL methods, and online replay,
+    # which samples from it); the replay KL reads the reference or else the shards' cached top-8
+    assert ("val/task_kl" in metrics) == (module.reference is not None)
     assert metrics.get("val/replay_kl", 0) >= 0
-    assert ("val/task_kl" in metrics) == (method in ("cfs-kl", "asft", "online", "on-policy-kl", "sdft"))
-    if method and method.startswith("lora"):
+    if module.lora is not None:
         assert (tmp_path / "hf" / "adapter" / "adapter_config.json").is_file()
     assert "eval/gsm8k_answers/bits_per_byte" in metrics
     assert (tmp_path / "hf" / "config.json").is_file()
+    if method in EXPECTED:
+        expected = EXPECTED[method]
+        assert terms == expected.terms
+        assert (module.reference is not None) == expected.reference
+        assert (module.lora is not None) == expected.lora
+        assert ("val/replay_kl" in metrics) == expected.replay_kl
+        assert ("train/task_dft" in metrics) == expected.dft  # the DFT task loss, logged apart
+        if expected.dft:  # p < 1 weights every token down: the logged task_loss is the plain NLL
+            assert metrics["train/task_dft"] < metrics["train/task_loss"]
 
 
 def test_generate_command_writes_shards(tmp_path, tiny_model_dir):

@@ -224,3 +224,13 @@ def test_the_module_checks_the_replay_against_its_base_weights(tmp_path, tiny_mo
     with pytest.raises(ReplayMismatchError, match="not from the model being fine-tuned"):
         trainer.fit(model, datamodule=dm)
 
+
+
+def test_rows_pad_right_for_training_and_left_for_generation():
+    from cfs_lightning.tokens import pad_rows
+
+    ids, mask = pad_rows([[5, 6, 7], [8]], value=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad_rows([[5, 6, 7], [8]], value=0, left=True)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert ids.dtype == mask.dtype == torch.long

@@ -49,15 +49,15 @@ def test_same_seed_same_sequences_other_seed_differs(tiny_model, tiny_tokenizer)
 
 
 def test_default_sampling_is_untruncated_temperature_one(tiny_model, tiny_tokenizer):
-    from cfs_lightning.sampling import InverseCDFSampler, TopKRecorder, _processors
+    from cfs_lightning.sampling import InverseCDFSampler, TopKRecorder, logits_processors
 
     logits = torch.randn(3, tiny_model.config.vocab_size)
-    chain = _processors(SamplingConfig(), TopKRecorder(2))
+    chain = logits_processors(SamplingConfig(), TopKRecorder(2))
     assert isinstance(chain[0], TopKRecorder) and isinstance(chain[-1], InverseCDFSampler)
     assert len(chain) == 2  # no temperature, top-k or top-p step: p_base itself is sampled
     for k, p, t in ((5, None, 1.0), (None, 0.5, 1.0), (None, None, 0.7)):
         warped = logits
-        for step in _processors(SamplingConfig(top_k=k, top_p=p, temperature=t))[:-1]:
+        for step in logits_processors(SamplingConfig(top_k=k, top_p=p, temperature=t))[:-1]:
             warped = step(None, warped)
         if k:
             assert (torch.isinf(warped).sum(-1) == logits.size(-1) - k).all()
@@ -70,17 +70,17 @@ def test_default_sampling_is_untruncated_temperature_one(tiny_model, tiny_tokeni
     start = torch.full((3, 1), tiny_tokenizer.bos_token_id)
     out = tiny_model.generate(input_ids=start, attention_mask=torch.ones_like(start),
                               generation_config=_generation_config_for_test(tiny_tokenizer),
-                              logits_processor=_processors(SamplingConfig()), output_scores=True,
+                              logits_processor=logits_processors(SamplingConfig()), output_scores=True,
                               output_logits=True, return_dict_in_generate=True)
     for scores, row in zip(out.scores, out.sequences[:, 1:].T, strict=True):
         assert (scores.isfinite().sum(-1) == 1).all() and torch.equal(scores.argmax(-1), row)
 
 
 def _generation_config_for_test(tokenizer):
-    from cfs_lightning.sampling import _generation_config
+    from cfs_lightning.sampling import generation_config
 
     # no stop token: a finished row would be padded after its EOS, whatever the sampler says
-    return _generation_config(SamplingConfig(max_new_tokens=4, stop_at_eos=False), [tokenizer.eos_token_id],
+    return generation_config(SamplingConfig(max_new_tokens=4, stop_at_eos=False), [tokenizer.eos_token_id],
                               tokenizer.pad_token_id)
 
 

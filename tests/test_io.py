@@ -43,3 +43,19 @@ def test_a_failed_write_leaves_the_old_one(tmp_path):
         raise RuntimeError
     assert (tmp_path / "a.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]  # no temporary left behind
+
+
+def test_a_folder_swap_killed_between_its_renames_is_undone(tmp_path):
+    """`replace_dir` moves the old folder aside before renaming the new one in: a kill between the
+    two leaves `<out>.old` and no `out`, and the next writer puts the old one back first."""
+    out = tmp_path / "d"
+    with atomic_dir(out) as tmp:
+        (tmp / "v").write_text("1")
+    os.replace(out, tmp_path / "d.old")  # as a kill after replace_dir's first rename leaves it
+    with pytest.raises(RuntimeError), atomic_dir(out) as tmp:
+        raise RuntimeError
+    assert (out / "v").read_text() == "1"  # the old version is back, whole
+    with atomic_dir(out) as tmp:
+        (tmp / "v").write_text("2")
+    assert (out / "v").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # nothing aside or temporary left

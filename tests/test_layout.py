@@ -116,3 +116,40 @@ def test_cfs_help_imports_no_torch():
 def test_a_command_imports_only_what_it_needs(command, absent):
     loaded = _loaded_after(f"from cfs_lightning.commands import function\nfunction({command!r})")
     assert not loaded & absent
+
+
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 300, 60
+
+
+def test_files_and_functions_stay_small():
+    """A file is one concept and a function one step: no module over 300 lines, no function
+    (its docstring included) over 60."""
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        name = path.relative_to(REPO)
+        if text.count("\n") > MAX_FILE_LINES:
+            too_long.append(f"{name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    too_long.append(f"{name}:{node.lineno} {node.name}: {lines} lines")
+    assert not too_long, "\n".join(too_long)
+
+
+def test_the_layout_doc_shows_the_layers_this_test_enforces():
+    """docs/layout.md's table: a row whose layer cell starts with a number opens a layer; the
+    units of each layer are the ones `LAYERS` holds, in the same order of layers."""
+    import re
+
+    layers: list[set[str]] = []
+    for line in (REPO / "docs/layout.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) != 3 or not line.startswith("| ") or cells[0] == "layer" or cells[0].startswith("---"):
+            continue
+        if re.match(r"\d", cells[0]):
+            layers.append(set())
+        name = cells[1].strip("`").removesuffix(".py").removesuffix("/")
+        layers[-1].add("cfs_lightning" if name == "__init__" else name)
+    assert layers == LAYERS

@@ -82,7 +82,7 @@ def test_fit_logs_the_meter_and_says_once_what_it_reads(tiny_model_dir, tiny_tas
                               optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
     trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2)
-    with caplog.at_level(logging.INFO, logger="cfs_lightning.training.module"):
+    with caplog.at_level(logging.INFO, logger="cfs_lightning.training"):
         before = {k: v for d in trainer.validate(model, datamodule=dm, verbose=False) for k, v in d.items()}
         trainer.fit(model, datamodule=dm)
         after = {k: v for d in trainer.validate(model, datamodule=dm, verbose=False) for k, v in d.items()}
@@ -110,7 +110,7 @@ def test_meter_off_is_said_once(tiny_model_dir, tiny_task_files, tiny_replay_dir
     dm = _datamodule(tiny_model_dir, tiny_task_files, tiny_replay_dir)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=3)
-    with caplog.at_level(logging.INFO, logger="cfs_lightning.training.module"):
+    with caplog.at_level(logging.INFO, logger="cfs_lightning.training"):
         metrics = {k: v for d in trainer.validate(model, datamodule=dm, verbose=False) for k, v in d.items()}
         trainer.validate(model, datamodule=dm, verbose=False)
     assert "val/task_kl" not in metrics and "val/replay_kl" in metrics  # the tiny shards cache top-8

@@ -2,6 +2,7 @@ import lightning as L
 import pytest
 import torch
 
+from cfs_lightning.streams import REPLAY, StreamProducer
 from cfs_lightning.tokens import IGNORE_INDEX
 from cfs_lightning.data import ReplayConfig, ReplayDataModule
 from cfs_lightning.tasks import TaskSource
@@ -55,7 +56,7 @@ def test_sequence_normalization_sums_each_sequence_and_averages_over_sequences()
     reg.normalize = "sequence"
     assert reg(batch, {"replay": logits}).item() == pytest.approx(sum(nll) / 3, rel=1e-12)  # 3 rows have targets
     assert per_token(batch, {"replay": logits}).item() == pytest.approx(sum(nll) / 9, rel=1e-12)  # 5 + 3 + 1 tokens
-    from cfs_lightning.training.regularizers import token_divergence
+    from cfs_lightning.training.losses import token_divergence
 
     got = chunked_target_mean(token_divergence, labels, logits, ref, chunk_size=2, per="sequence")
     assert got.item() == pytest.approx(sum(kl) / 3, rel=1e-12)
@@ -220,3 +221,41 @@ def test_readme_preset_subclass_runs_from_the_cli(tmp_path, monkeypatch, tiny_mo
     assert [type(r).__name__ for r in regs] == ["NLLReplay", "L2ToInit"]
     assert isinstance(regs[1], L2ToInit) and regs[1].weight == 0.05
     assert {"train/reg/nll_replay", "train/reg/l2_to_init"} <= set(cli.trainer.callback_metrics)
+
+
+class TwoRows(L.Callback, StreamProducer):
+    """A producer as small as one can be: two fixed rows added to every batch's replay stream."""
+
+    streams = (REPLAY,)
+
+    def __init__(self):
+        self.steps = []
+
+    def rows(self, batch, step, module):
+        self.steps.append(step.global_step)
+        ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 0, 0]])
+        mask = (torch.arange(5) < torch.tensor([[5], [3]])).long()
+        return {REPLAY: {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE_INDEX)}}
+
+
+def test_a_producer_callback_adds_rows_that_the_module_merges(tiny_model_dir, tiny_task_files, tiny_replay_dir):
+    seen = []
+
+    class Capture(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append({k: v.clone() for k, v in batch[REPLAY].items()})
+
+    producer = TwoRows()
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[producer, Capture()])
+    trainer.fit(CFSFineTuner(str(tiny_model_dir)), datamodule=_datamodule(tiny_model_dir, tiny_task_files, tiny_replay_dir))
+    assert producer.steps == [0, 1] and trainer.callback_metrics["train/reg/nll_replay"].isfinite()
+    for batch in seen:  # the DataModule's 2 cached rows, then the producer's 2, padded alike
+        assert batch["input_ids"].size(0) == 4 and "topk_ids" not in batch
+        assert batch["input_ids"][3, :3].tolist() == [5, 6, 7] and batch["labels"][3, 3:].eq(IGNORE_INDEX).all()
+    plain = CausalLMFineTuner(str(tiny_model_dir))  # no term reads replay
+    with pytest.raises(ValueError, match=r"TwoRows adds a `replay` stream .* or remove TwoRows"):
+        L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, callbacks=[TwoRows()]).fit(
+            plain, datamodule=_datamodule(tiny_model_dir, tiny_task_files, tiny_replay_dir, ratio=0))

@@ -11,37 +11,40 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cfs_lightning.callbacks import OnlineReplay
-from cfs_lightning.callbacks.online_replay import merge_batches, task_prompts
+from cfs_lightning.callbacks.online_replay import task_prompts
 from cfs_lightning.experiments.continual import Stage, continual, summarize
 from cfs_lightning.data import ReplayConfig, ReplayDataModule
 from cfs_lightning.experiments.continual import FreshReplay
+from cfs_lightning.experiments.runs import DONE
 from cfs_lightning.tasks import TaskSource
 from cfs_lightning.sampling import Budget, SamplingConfig, sample_context_free
 from cfs_lightning.shards import read_manifest
 from cfs_lightning.training import CausalLMFineTuner
 from cfs_lightning.tokens import IGNORE_INDEX
+from cfs_lightning.training.producers import merge_batches
 from cfs_lightning.training.regularizers import KLFromCachedTopK, KLToReference, NLLReplay
 
 from .conftest import REPO, make_eos_prone
 
 
 class Capture(L.Callback):
-    """Keeps the replay stream of every training batch (it runs after OnlineReplay), and the task
-    stream beside it."""
+    """Keeps the replay stream of every training batch as the step read it (the module merges the
+    producers' rows in at the batch's start, after the callbacks' hooks), and the task stream."""
 
     def __init__(self, stream: str = "replay") -> None:
         self.stream, self.replay, self.task = stream, [], []
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.replay.append({k: v.clone() for k, v in batch[self.stream].items()})
         self.task.append({k: v.clone() for k, v in batch["task"].items()})
 
 
-def _fit(tiny_model_dir, tiny_task_files, callbacks, replay_ratio=0.0, replay=None, steps=5, **trainer_args):
+def _fit(tiny_model_dir, tiny_task_files, callbacks, replay_ratio=0.0, replay=None, steps=5, regularizers=None,
+         **trainer_args):
     task = TaskSource(path="json", data_files=tiny_task_files, prompt="Question: {question}\nAnswer:",
                       response=" {answer}", max_length=128)
     dm = ReplayDataModule(task, tokenizer=str(tiny_model_dir), batch_size=2, replay_ratio=replay_ratio, replay=replay)
-    module = CausalLMFineTuner(str(tiny_model_dir), regularizers=[NLLReplay()])
+    module = CausalLMFineTuner(str(tiny_model_dir), regularizers=regularizers or [NLLReplay()])
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
                         limit_val_batches=0, **trainer_args)
@@ -77,11 +80,22 @@ def test_online_replay_joins_cached_replay(tiny_model_dir, tiny_task_files, tiny
     merged = merge_batches(cached, fresh, pad_id=0)
     assert merged.keys() == fresh.keys() and merged["labels"][0].tolist() == [1, 1, -100]
     assert merged["input_ids"][0].tolist() == [1, 1, 0] and merged["attention_mask"][0].tolist() == [1, 1, 0]
-    module = CausalLMFineTuner(str(tiny_model_dir), regularizers=[KLFromCachedTopK()])
-    with pytest.raises(ValueError, match="KLFromCachedTopK needs"):
-        online.setup(L.Trainer(accelerator="cpu", logger=False), module, "fit")
+    with pytest.raises(ValueError, match=r"KLFromCachedTopK needs topk_ids, topk_logprobs on every `replay` row, "
+                                         r"but the OnlineReplay callback \(stream: replay\) adds rows without them"):
+        _fit(tiny_model_dir, tiny_task_files, [online], replay_ratio=1.0,
+             replay=ReplayConfig(dir=str(tiny_replay_dir), val_size=0), regularizers=[KLFromCachedTopK()])
     with pytest.raises(ValueError, match="every_n_steps must be >= 1"):
         OnlineReplay(every_n_steps=0, num_sequences=1, batch_size=1)
+
+
+class BiasReference(L.Callback):
+    """Makes the frozen reference (built when the fit sets up) say token `token` almost surely."""
+
+    def __init__(self, token: int) -> None:
+        self.token = token
+
+    def on_fit_start(self, trainer, pl_module):
+        make_eos_prone(pl_module.reference.model, self.token, bias=50.0)
 
 
 class BiasAfterFirstStep(L.Callback):
@@ -105,7 +119,6 @@ def test_on_policy_samples_come_from_the_current_weights(tiny_model_dir, tiny_ta
     module = CausalLMFineTuner(str(tiny_model_dir), reference="copy",
                                regularizers=[KLToReference(on="onpolicy", direction="reverse")],
                                optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
-    make_eos_prone(module.reference.model, x, bias=50.0)
     cfg = SamplingConfig(max_new_tokens=6, batch_size=4, seed=3)
     online = OnlineReplay(every_n_steps=1, num_sequences=3, batch_size=3, sampling=cfg, sampler="trainable",
                           prompts="task", stream="onpolicy")
@@ -113,7 +126,7 @@ def test_on_policy_samples_come_from_the_current_weights(tiny_model_dir, tiny_ta
     capture = Capture("onpolicy")
     trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[online, BiasAfterFirstStep(y), capture])
+                        callbacks=[BiasReference(x), online, BiasAfterFirstStep(y), capture])
     trainer.fit(module, datamodule=dm)
     assert online.rounds == 3 and trainer.callback_metrics["train/reg/kl_to_reference"] > 1.0
     for step, (rows, task_batch) in enumerate(zip(capture.replay, capture.task)):
@@ -129,7 +142,7 @@ def test_on_policy_samples_come_from_the_current_weights(tiny_model_dir, tiny_ta
     ref_online = OnlineReplay(every_n_steps=1, num_sequences=3, batch_size=3, sampling=cfg, prompts="task",
                               stream="onpolicy")
     batch = {"task": capture.task[0]}
-    pool = ref_online._refill(trainer, module, batch, 0)
+    pool = ref_online._refill(module, batch, cfg.seed * 1_000_003)
     assert all(r["input_ids"][-6:] == [x] * 6 for r in pool)
 
 
@@ -196,7 +209,7 @@ def test_on_policy_options_are_checked(tiny_model_dir):
     module = CausalLMFineTuner(str(tiny_model_dir), regularizers=[KLToReference(on="onpolicy")])
     batch = {"task": {"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3, dtype=torch.long)}}
     with pytest.raises(KeyError, match="OnlineReplay\\(sampler: trainable, prompts: task, stream: onpolicy\\)"):
-        module._logits(batch, {"task", "onpolicy"})
+        module.training_step(batch, 0)  # a batch without the stream a term reads
 
 
 def test_summary_reports_average_and_backward_transfer():
@@ -225,7 +238,8 @@ def test_continual_runs_stages_in_order_with_fresh_and_kept_replay(tmp_path, mon
 
     stages = [stage("answers", "Question: {question}\nAnswer:", " {answer}", "configs/tasks/gsm8k_answers.yaml"),
               stage("questions", "Answer: {answer}\nQuestion:", " {question}", "configs/tasks/gsm8k_questions.yaml")]
-    fresh = FreshReplay(sampling=SamplingConfig(max_new_tokens=8, batch_size=8, seed=1), budget=Budget(sequences=8))
+    fresh = FreshReplay("configs/toy/data/cfs.yaml", {"budget.sequences": 8, "sampling.max_new_tokens": 8,
+                                                      "sampling.batch_size": 8, "sampling.seed": 1, "store_topk": 0})
     kwargs = dict(fit_configs=["configs/toy/base/finetune.yaml", "configs/toy/methods/cfs-nll.yaml"], stages=stages,
                   output_dir=str(tmp_path / "c"), retained_tasks=["configs/tasks/shakespeare_heldout.yaml"],
                   fresh_replay=fresh, keep_replay=True, eval_batch_size=4, eval_limit=4,
@@ -238,7 +252,7 @@ def test_continual_runs_stages_in_order_with_fresh_and_kept_replay(tmp_path, mon
     merged = read_manifest(second / "replay")
     assert merged["parts"] == [str(tiny_replay_dir), str(second / "replay_fresh")]
     assert merged["num_sequences"] == read_manifest(tiny_replay_dir)["num_sequences"] + 8
-    saved = json.loads((second / "result.json").read_text())
+    saved = json.loads((second / DONE).read_text())
     assert saved["replay"] == str(second / "replay")
     hparams = (second / "logs" / "hparams.yaml").read_text()
     assert str(first / "hf_model") in hparams  # stage 2 starts where stage 1 ended

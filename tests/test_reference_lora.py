@@ -34,8 +34,14 @@ class StepLog(L.Callback):
 
 def test_reference_is_built_once_frozen_and_outside_the_module(tiny_model_dir):
     plain = CausalLMFineTuner(str(tiny_model_dir))
+    plain.setup("validate")
     assert plain.reference is None
     module = CausalLMFineTuner(str(tiny_model_dir), regularizers=[KLToReference()])
+    assert module.reference is None  # built when the first fit or evaluation sets up, once
+    module.setup("validate")
+    built = module.reference
+    module.setup("validate")
+    assert module.reference is built
     ref = module.reference.model
     assert module.reference.mode == "copy" and ref is not module.model and not ref.training
     assert not any(p.requires_grad for p in ref.parameters())
@@ -47,7 +53,15 @@ def test_reference_is_built_once_frozen_and_outside_the_module(tiny_model_dir):
     with pytest.raises(ReferenceError, match="needs LoRA"):
         CausalLMFineTuner(str(tiny_model_dir), regularizers=[KLToReference()], reference="adapters_disabled")
     lora = CausalLMFineTuner(str(tiny_model_dir), regularizers=[KLToReference()], lora=LORA)
+    lora.setup("validate")
     assert lora.reference.mode == "adapters_disabled" and lora.reference.model is lora.model
+    copied = CausalLMFineTuner(str(tiny_model_dir), regularizers=[KLToReference()], lora=LORA, reference="copy")
+    copied.setup("validate")
+    assert not isinstance(copied.reference.model, PeftModel)  # a plain copy: the zero adapters folded in
+    ids = torch.arange(6).unsqueeze(0)
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=ids).logits
+        torch.testing.assert_close(copied.reference.model(input_ids=ids).logits, base)
 
 
 @pytest.mark.parametrize("lora", [None, LORA], ids=["copy", "adapters_disabled"])

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from cfs_lightning.tokens import IGNORE_INDEX
-from cfs_lightning.training.regularizers import EMA, KLFromCachedTopK, KLToReference, L2ToInit, token_divergence, topk_forward_kl
+from cfs_lightning.training.losses import token_divergence
+from cfs_lightning.training.regularizers import EMA, KLFromCachedTopK, KLToReference, L2ToInit, topk_forward_kl
 
 V = 7
 

@@ -5,7 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from cfs_lightning.experiments.report import find_runs, load_run, method_and_seed, report
+from cfs_lightning.experiments.report import report
+from cfs_lightning.experiments.runs import find_runs, load_run, method_and_seed
+from cfs_lightning.experiments.wise_ft import AlphaSelection, choose_alpha, run_scores
+from cfs_lightning.scores import SCORES_FILE, write_scores
 
 RET, DOWN = "held/bits_per_byte", "task/acc"  # retained lower-is-better, downstream higher-is-better
 VAL_RET, VAL_DOWN = "held_val/bits_per_byte", "task_val/acc"  # WiSE-FT's alpha is chosen on these
@@ -27,7 +30,7 @@ def _fit_run(folder: Path, finals: list[tuple[float, float]], replay_nll: list[f
             rows.append({"epoch": i - 1, "step": step, "val/replay_nll": replay_nll[i - 1],
                          **({"val/replay_kl": meter[i - 1]} if meter else {})})
     if json_history:
-        (folder / "retained_eval.json").write_text(json.dumps(history))
+        write_scores(folder, history)
     keys = sorted({k for r in rows for k in r})
     with (folder / "metrics.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, keys)
@@ -48,9 +51,11 @@ def runs(tmp_path):
     # test scores 0.5 would be best, on the validation ones 0.75 is
     sweep = [(0.0, 2.0, 0.1, 2.0, 0.1), (0.5, 2.3, 0.55, 2.5, 0.3), (0.75, 2.9, 0.58, 2.6, 0.6),
              (1.0, 3.1, 0.6, 3.1, 0.6)]
-    select_on = {"tasks": ["held_val.yaml", "task_val.yaml"], "retained": VAL_RET, "downstream": VAL_DOWN}
+    select_on = AlphaSelection(["held_val.yaml", "task_val.yaml"], VAL_RET, VAL_DOWN)
     rows = [{"alpha": a, RET: r, DOWN: d, VAL_RET: vr, VAL_DOWN: vd} for a, r, d, vr, vd in sweep]
-    (wise / "wise_ft.json").write_text(json.dumps({"select_on": select_on, "rows": rows}))
+    better = {RET: False, DOWN: True, VAL_RET: False, VAL_DOWN: True}
+    write_scores(wise, run_scores(rows, choose_alpha(rows, select_on, better), select_on, better))
+    (wise / "wise_ft.json").write_text(json.dumps({"rows": rows}))
     return root
 
 
@@ -118,10 +123,9 @@ def test_bad_input_is_named(runs, tmp_path):
     with pytest.raises(FileNotFoundError, match="no run logs in or under"):
         report([str(tmp_path / "empty")], RET, DOWN, output_dir=str(tmp_path / "o3"))
     assert not (tmp_path / "o1").exists() or not any((tmp_path / "o1").iterdir())
-    sweep = runs / "wise-ft" / "seed0" / "wise_ft.json"
-    sweep.write_text(json.dumps(json.loads(sweep.read_text())["rows"]))  # no validation scores
-    with pytest.raises(ValueError, match="no validation scores to choose its alpha on"):
-        report([str(runs)], RET, DOWN, output_dir=str(tmp_path / "o4"))
+    rows = [{"alpha": a, VAL_RET: 1.0, VAL_DOWN: 1.0} for a in (0.0, 0.5)]  # no fine-tuned end
+    with pytest.raises(ValueError, match="needs alphas 0 and 1 in the sweep; it has \\[0.0, 0.5\\]"):
+        choose_alpha(rows, AlphaSelection([], VAL_RET, VAL_DOWN), {VAL_RET: False, VAL_DOWN: True})
 
 
 def test_cfs_report_command_takes_one_folder_or_a_list(runs, tmp_path):

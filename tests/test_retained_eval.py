@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 import random
 from pathlib import Path
@@ -130,3 +131,27 @@ def test_every_n_epochs_without_fit_start_and_never_in_the_sanity_check(tmp_path
     trainer.fit(model, datamodule=dm)
     assert [h["epoch"] for h in callback.history] == [1]  # after epoch 2 only (0-based 1)
     assert callback.history[0]["forget/toy_rolling/bits_per_byte"] == 0.0  # the first one is the baseline
+
+
+def test_an_evaluation_shows_one_progress_line_of_ours_and_no_lm_eval_noise(task_files, tiny_model_dir, capsys,
+                                                                          caplog):
+    """lm-eval's bars (documents, requests, windows) and its warnings about in-memory models are
+    left out; one line of ours counts the sequences scored: 3 rolling windows + 3 x 2 choices."""
+    from cfs_lightning.evaluation import evaluate_lm
+    from cfs_lightning.loading import load_causal_lm, load_tokenizer
+
+    caplog.set_level(logging.INFO)
+    model, tok = load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    evaluate_lm(model, tok, task_specs(task_files), batch_size=2)
+    capsys.readouterr()  # the first evaluation also shows `datasets` preparing the task files, once
+    for _ in range(2):
+        evaluate_lm(model, tok, task_specs(task_files), batch_size=2)
+    err = capsys.readouterr().err
+    lines = [line for line in err.split("\n") if line.strip()]
+    assert len(lines) == 2  # one per evaluation (redrawn in place with "\r")
+    for line in lines:
+        draws = [d for d in line.split("\r") if d.strip()]
+        assert all(d.startswith("lm-eval toy_rolling, toy_choice:") for d in draws), draws
+        assert "100%" in draws[-1] and "9/9" in draws[-1]
+    noise = [r.getMessage() for r in caplog.records if r.name.startswith("lm_eval") and r.levelno >= logging.WARNING]
+    assert not noise

@@ -11,7 +11,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-import cfs_lightning.sampling as sampling
 from cfs_lightning.callbacks import OnlineReplay
 from cfs_lightning.data import ReplayDataModule
 from cfs_lightning.replay.contextual import contextual_replay
@@ -167,7 +166,7 @@ def test_every_token_of_a_thin_tail_can_be_drawn(monkeypatch):
     p[0, 0] = 1 - tail * width
     logits = p.log().float().expand(tail, -1)
     grid = p[0, 0] + (torch.arange(tail, dtype=torch.float64) + 0.5) * width  # one draw per tail token
-    monkeypatch.setattr(sampling.torch, "rand",
+    monkeypatch.setattr(torch, "rand",  # the draw of `InverseCDFSampler`
                         lambda *size, device=None, dtype=torch.float32: grid.to(dtype).reshape(size))
     drawn = InverseCDFSampler()(None, logits).argmax(-1)
     assert drawn.min() >= 1 and drawn.unique().numel() >= 0.99 * tail

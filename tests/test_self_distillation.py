@@ -137,8 +137,7 @@ def test_sdft_rows_in_a_fit_pair_each_sample_with_its_own_example(tiny_model_dir
     task = TaskSource(path="json", data_files=tiny_task_files, prompt="Question: {question}\nAnswer:",
                       response=" {answer}", max_length=128)
     dm = ReplayDataModule(task, tokenizer=str(tiny_model_dir), batch_size=2, replay_ratio=0.0)
-    module = CausalLMFineTuner(str(tiny_model_dir), task_loss="none", regularizers=[SelfDistillation()])
-    assert module.reference is not None  # the base teacher needs the frozen copy
+    module = CausalLMFineTuner(str(tiny_model_dir), task_loss=None, regularizers=[SelfDistillation()])
     online = OnlineReplay(every_n_steps=1, num_sequences=3, batch_size=3, sampler="trainable", prompts="task",
                           stream="onpolicy", demonstrations=True, sampling=SamplingConfig(max_new_tokens=5, seed=1))
     student, teacher = Capture("onpolicy"), Capture("onpolicy_teacher")
@@ -146,6 +145,7 @@ def test_sdft_rows_in_a_fit_pair_each_sample_with_its_own_example(tiny_model_dir
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=[online, student, teacher])
     trainer.fit(module, datamodule=dm)
+    assert module.reference is not None  # the base teacher needs the frozen copy
     metrics = trainer.callback_metrics
     assert metrics["train/reg/self_distillation"] > 0 and "train/task_loss" in metrics
     sep = module.tokenizer("\n\n", add_special_tokens=False)["input_ids"]
@@ -168,8 +168,8 @@ def test_sdft_options_are_checked(tiny_model_dir):
         SelfDistillation(teacher="ema")
     with pytest.raises(ValueError, match="demonstrations needs prompts: task and stream: onpolicy"):
         OnlineReplay(every_n_steps=1, num_sequences=1, batch_size=1, demonstrations=True)
-    with pytest.raises(ValueError, match="task_loss=none leaves no loss"):
-        CausalLMFineTuner(str(tiny_model_dir), task_loss="none")
+    with pytest.raises(ValueError, match="task_loss: null leaves no loss"):
+        CausalLMFineTuner(str(tiny_model_dir), task_loss=None)
     reg = SelfDistillation(teacher="live")
     assert not reg.needs_reference and SelfDistillation().needs_reference
     with pytest.raises(KeyError, match="demonstrations: true"):

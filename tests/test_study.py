@@ -5,16 +5,16 @@ import pytest
 import yaml
 
 import cfs_lightning.experiments.study
-from cfs_lightning.experiments.study import DataStep, Method, WiseFT, study
-from cfs_lightning.experiments.wise_ft import AlphaSelection
+from cfs_lightning.experiments.runs import DONE
+from cfs_lightning.experiments.study import DataStep, Method, study
+from cfs_lightning.scores import SCORES_FILE
 
 from .conftest import REPO
 
-TASKS = [str(REPO / "configs/tasks/shakespeare_heldout.yaml"), str(REPO / "configs/tasks/gsm8k_answers.yaml")]
 RET, DOWN = "shakespeare_heldout/bits_per_byte", "gsm8k_answers/bits_per_byte"
-SELECT = AlphaSelection([str(REPO / "configs/tasks/shakespeare_heldout_val.yaml"),
-                         str(REPO / "configs/tasks/gsm8k_answers_val.yaml")],
-                        "shakespeare_heldout_val/bits_per_byte", "gsm8k_answers_val/bits_per_byte")
+# WiSE-FT is a method like any other: a command run per seed, on another method's export
+WISE_FT = Method("wise-ft", ["configs/toy/interpolate.yaml"], command="interpolate",
+                 args=["--finetuned={runs.ft}/hf_model", "--alphas=[0.0, 0.5, 1.0]", "--batch_size=4", "--limit=4"])
 
 
 def _study(tiny_model_dir, out, **kw):
@@ -28,8 +28,8 @@ def _study(tiny_model_dir, out, **kw):
         data=[DataStep("cfs", "generate", "configs/toy/data/cfs.yaml",
                        {"budget.sequences": 20, "sampling.max_new_tokens": 8, "sampling.batch_size": 10,
                         "store_topk": 0})],
-        methods=[Method("ft", ["configs/toy/methods/ft.yaml"]), Method("cfs", ["configs/toy/methods/cfs-nll.yaml"], seeds=[0])],
-        wise_ft=WiseFT(TASKS, SELECT, alphas=[0.0, 0.5, 1.0], batch_size=4, limit=4), **kw)
+        methods=[Method("ft", ["configs/toy/methods/ft.yaml"]), Method("cfs", ["configs/toy/methods/cfs-nll.yaml"], seeds=[0]),
+                 WISE_FT], **kw)
 
 
 def test_study_fits_every_method_and_seed_reports_and_resumes(tmp_path, monkeypatch, tiny_model_dir):
@@ -42,20 +42,20 @@ def test_study_fits_every_method_and_seed_reports_and_resumes(tmp_path, monkeypa
     assert len(calls) == 3  # ft x 2 seeds, cfs x 1 seed
     runs = out / "methods"
     for run in ("ft/seed0", "ft/seed1", "cfs/seed0"):
-        history = json.loads((runs / run / "retained_eval.json").read_text())
+        history = json.loads((runs / run / SCORES_FILE).read_text())
         assert [h["step"] for h in history] == [0, 6, 12]  # the start, then 2 epochs of 6 steps
         assert (runs / run / "hf_model" / "config.json").is_file()
-    assert (runs / "wise-ft" / "seed1" / "wise_ft.json").is_file()
+    assert (runs / "wise-ft" / "seed1" / "wise_ft.json").is_file() and (runs / "wise-ft" / "seed1" / SCORES_FILE).is_file()
     assert not (runs / "cfs" / "seed1").exists()
-    seeds = [json.loads((runs / f"ft/seed{k}/retained_eval.json").read_text())[-1][f"eval/{DOWN}"] for k in (0, 1)]
+    seeds = [json.loads((runs / f"ft/seed{k}" / SCORES_FILE).read_text())[-1][f"eval/{DOWN}"] for k in (0, 1)]
     assert seeds[0] != seeds[1]  # the seed reaches the data order
     assert summary["methods"]["ft"]["seeds"] == 2 and summary["methods"]["cfs"]["seeds"] == 1
     assert summary["methods"]["wise-ft"]["alpha"][0] in (0.0, 0.5, 1.0)
     table = (out / "report" / "results.md").read_text()
     assert "| ft | 2 |" in table and "| cfs | 1 |" in table and (out / "report" / "tradeoff.png").is_file()
 
-    # a rerun skips everything; an interrupted fit (no study.json) is redone from the start
-    (runs / "ft" / "seed1" / "study.json").unlink()
+    # a rerun skips everything; an interrupted fit (no done.json) is redone from the start
+    (runs / "ft" / "seed1" / DONE).unlink()
     (runs / "ft" / "seed1" / "stale.txt").write_text("left by the killed run")
     shutil.rmtree(runs / "wise-ft" / "seed0")
     calls.clear()
@@ -71,6 +71,12 @@ def test_study_config_errors_are_named_before_anything_runs(tmp_path, monkeypatc
     with pytest.raises(KeyError, match=r"method ft: unknown placeholder \{data.nope\}"):
         study(str(tiny_model_dir), "configs/toy/base/finetune.yaml", [Method("ft", args=["--x={data.nope}"])],
               RET, DOWN, output_dir=str(tmp_path / "s"))
+    with pytest.raises(KeyError, match=r"method wise-ft: unknown placeholder \{runs.ft\}"):  # ft must come first
+        study(str(tiny_model_dir), "configs/toy/base/finetune.yaml", [WISE_FT, Method("ft")], RET, DOWN,
+              output_dir=str(tmp_path / "s"))
+    with pytest.raises(ValueError, match="method 'x': 'report' cannot run as a step here"):
+        study(str(tiny_model_dir), "configs/toy/base/finetune.yaml", [Method("ft"), Method("x", command="report")],
+              RET, DOWN, output_dir=str(tmp_path / "s"))
     with pytest.raises(ValueError, match="baseline='ft' is not one of the methods"):
         study(str(tiny_model_dir), "configs/toy/base/finetune.yaml", [Method("plain")], RET, DOWN,
               output_dir=str(tmp_path / "s"))
@@ -82,12 +88,13 @@ def test_shipped_study_covers_every_method_of_the_comparison_soundly():
     budget that no fit cycles (25%, drawn at 0.25 per task sequence, max_passes 2)."""
     config = yaml.safe_load((REPO / "configs/toy/study.yaml").read_text())
     names = [m["name"] for m in config["methods"]]
-    assert names == ["ft", "lora", "l2", "ema", "cs", "real-replay", "cfs-nll", "cfs-kl", "cfs-kl-topk"]
+    assert names == ["ft", "lora", "l2", "ema", "cs", "real-replay", "cfs-nll", "cfs-kl", "cfs-kl-topk", "wise-ft"]
     data_side = yaml.safe_load((REPO / "configs/toy/study-data.yaml").read_text())
     assert [m["name"] for m in data_side["methods"]] == ["ft", "stm", "self-output", "self-dialogue"]
     assert data_side["output_dir"] == config["output_dir"] and data_side["fit_args"] == config["fit_args"]
     assert config["seeds"] == [0, 1, 2] and not any("seeds" in m for m in config["methods"])
-    assert config["wise_ft"]["finetuned"] == "ft"
+    wise_ft = config["methods"][-1]
+    assert wise_ft["command"] == "interpolate" and "--finetuned={runs.ft}/hf_model" in wise_ft["args"]
     assert "--data.init_args.task.split=train" in config["fit_args"]
     assert "--data.init_args.replay.max_passes=2" in config["fit_args"]
     train = sum(1 for _ in open(REPO / "data/gsm8k/train.jsonl"))
@@ -98,7 +105,7 @@ def test_shipped_study_covers_every_method_of_the_comparison_soundly():
 
 
 def test_the_progress_line_scales_the_estimates_by_the_pace_seen():
-    from cfs_lightning.experiments.study import Progress
+    from cfs_lightning.experiments.progress import Progress
 
     progress = Progress([1.0, 2.0, None])
     assert progress.rest(0) == pytest.approx(1 + 2 + 1.5)  # no estimate: the mean of the others

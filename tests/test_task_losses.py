@@ -1,4 +1,5 @@
-"""The task losses (`model.task_loss`): the NLL and DFT's weighting of it, against float64 by hand."""
+"""The task losses (`model.task_loss`, `training/task_losses/`): the NLL and DFT's weighting of it,
+against float64 by hand, and what a step logs and trains on for each."""
 
 import math
 
@@ -7,7 +8,9 @@ import torch
 
 from cfs_lightning.tokens import IGNORE_INDEX
 from cfs_lightning.training import CausalLMFineTuner
-from cfs_lightning.training.losses import dft, mean_token_loss, nll
+from cfs_lightning.training.losses import mean_token_loss, nll
+from cfs_lightning.training.task_losses import DFT, NLL, TASK_LOSS_KEY, TaskLoss, task_terms
+from cfs_lightning.training.task_losses.dft import dft
 
 V = 7
 
@@ -41,7 +44,8 @@ def _by_hand(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, 
 
 def test_dft_weights_each_token_nll_by_its_detached_probability():
     logits, labels = _case()
-    loss = mean_token_loss(logits, labels, per_token=dft)
+    loss = DFT()(logits, labels)
+    torch.testing.assert_close(loss, mean_token_loss(logits, labels, per_token=dft))
     (grad,) = torch.autograd.grad(loss, logits)
     mean_nll, mean_dft, hand_grad = _by_hand(logits, labels)
     assert mean_token_loss(logits, labels).item() == pytest.approx(mean_nll, rel=1e-12)
@@ -60,6 +64,23 @@ def test_dft_and_nll_refuse_a_batch_without_targets():
             mean_token_loss(logits, torch.full_like(labels, IGNORE_INDEX), per_token=per_token)
 
 
-def test_unknown_task_loss_is_refused_with_the_choices(tiny_model_dir):
-    with pytest.raises(ValueError, match=r"model.task_loss must be one of \('nll', 'dft', 'none'\), got 'focal'"):
-        CausalLMFineTuner(str(tiny_model_dir), task_loss="focal")
+def test_each_task_loss_logs_the_plain_nll_and_trains_on_its_own_value():
+    logits, labels = _case()
+    mean_nll, mean_dft, _ = _by_hand(logits, labels)
+    logs, loss = task_terms(NLL(), logits, labels, "token")  # the NLL is computed once and trained on
+    assert logs.keys() == {TASK_LOSS_KEY} and loss is logs[TASK_LOSS_KEY] and loss.requires_grad
+    assert loss.item() == pytest.approx(mean_nll, rel=1e-12)
+    logs, loss = task_terms(DFT(), logits, labels, "token")
+    assert logs.keys() == {TASK_LOSS_KEY, "train/task_dft"} and loss is logs["train/task_dft"]
+    assert not logs[TASK_LOSS_KEY].requires_grad and loss.requires_grad  # the NLL is only logged
+    assert (logs[TASK_LOSS_KEY].item(), loss.item()) == pytest.approx((mean_nll, mean_dft), rel=1e-12)
+    logs, loss = task_terms(None, logits, labels, "token")  # no task loss (SDFT): the NLL still logged
+    assert loss is None and not logs[TASK_LOSS_KEY].requires_grad
+
+
+def test_a_task_loss_that_is_not_one_is_refused_with_the_choices(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"model.task_loss must be a TaskLoss \(class_path: "
+                                         r"cfs_lightning.training.task_losses.NLL, DFT, ...\) or null, got 'dft'"):
+        CausalLMFineTuner(str(tiny_model_dir), task_loss="dft")
+    with pytest.raises(ValueError, match="sets no `name`"):
+        TaskLoss().key

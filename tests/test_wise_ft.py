@@ -8,6 +8,7 @@ from cfs_lightning.evaluation import evaluate_lm, task_specs
 from cfs_lightning.cli import main
 from cfs_lightning.experiments.init_model import init_model
 from cfs_lightning.experiments.wise_ft import interpolated_state
+from cfs_lightning.scores import read_scores
 
 from .conftest import REPO, SHAKESPEARE, TINY_LLAMA
 
@@ -65,6 +66,13 @@ def test_interpolate_endpoints_are_the_two_models(tmp_path, tiny_model_dir, fine
     assert rows[0][RET] != rows[2][RET]
     assert "| 0.5 |" in (tmp_path / "w" / "wise_ft.md").read_text()
     assert (tmp_path / "w" / "wise_ft.png").read_bytes()[:4] == b"\x89PNG"
+    # the run's scores, as a fit's: the base (alpha 0), then the alpha chosen on the validation metrics
+    base, chosen = read_scores(tmp_path / "w")
+    assert base["alpha"] == 0 and base[f"eval/{RET}"] == rows[0][RET] and base[f"forget/{RET}"] == 0
+    assert chosen["chosen_on"] == [VAL_RET, VAL_DOWN] and chosen["alpha"] in (0, 0.5, 1)
+    picked = next(r for r in rows if r["alpha"] == chosen["alpha"])
+    assert chosen[f"eval/{DOWN}"] == picked[DOWN]
+    assert chosen[f"forget/{RET}"] == pytest.approx(picked[RET] - rows[0][RET])  # bits per byte: higher is worse
 
 
 def test_interpolation_is_linear_and_refuses_other_architectures(tmp_path, tiny_model_dir, finetuned_dir):

@@ -9,6 +9,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..io import atomic_dir
+from ..loading import transformers_bars_off
 
 
 class HFExport(L.Callback):
@@ -35,7 +36,7 @@ class HFExport(L.Callback):
         out = Path(self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hf_model"))
         # Every rank calls save_pretrained: a sharded model is gathered collectively to rank 0.
         if trainer.is_global_zero:
-            with atomic_dir(out) as tmp:
+            with atomic_dir(out) as tmp, transformers_bars_off():  # a bar per fit, for a local write
                 pl_module.save_pretrained(tmp)
             rank_zero_info(f"Hugging Face checkpoint written to {out}")
         else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Literal
 
 import lightning as L
@@ -14,24 +14,26 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from ..data import Collator
 from ..sampling import SamplingConfig, sample_context_free, sample_continuations
+from ..streams import ONPOLICY, ONPOLICY_TEACHER, REPLAY, TASK, Batch, StepContext, StreamProducer
 from ..tokens import IGNORE_INDEX, eval_mode, pad_token_id
-from ..training.regularizers import KLFromCachedTopK
 
 
-class OnlineReplay(L.Callback):
+class OnlineReplay(L.Callback, StreamProducer):
     """Every `every_n_steps` optimizer steps, samples `num_sequences` fresh context-free sequences
     from the frozen initial model; each step adds `batch_size` of them to the batch's `replay`
     stream, cycling through the current pool.
 
-    Where the DataModule gives no replay (`data.replay_ratio: 0`) they are the replay stream
-    (online instead of cached); where it does, they are appended to the cached rows (on top of
-    the cache). Regularizers on `replay` (`NLLReplay`, `KLToReference`) then see them;
-    `KLFromCachedTopK` needs cached top-k, which online rows lack, and is refused.
+    It is a stream producer (`cfs_lightning.streams.StreamProducer`): the module asks it for its
+    rows at the start of every training batch and merges them into the batch. Where the
+    DataModule gives no replay (`data.replay_ratio: 0`) they are the replay stream (online
+    instead of cached); where it does, they are appended to the cached rows (on top of the
+    cache). Regularizers on `replay` (`NLLReplay`, `KLToReference`) then see them; online rows
+    carry no cached top-k (`carries`), so `KLFromCachedTopK`, which reads them, is refused.
 
     The sampler is the module's frozen reference (`copy`, or with LoRA the model with its adapters
-    disabled): the callback declares `needs_reference`, so the module builds one at fit start
-    when no regularizer asked for it. Round r (steps r*k .. r*k + k - 1) on rank q of W is
-    seeded by (sampling.seed, r * W + q): a resumed fit draws the same sequences again.
+    disabled): the callback declares `needs_reference`, so the module builds one when the fit
+    sets up, whether or not a regularizer reads it. Round r (steps r*k .. r*k + k - 1) on rank q
+    of W is seeded by (sampling.seed, r * W + q): a resumed fit draws the same sequences again.
 
     Under gradient accumulation (`trainer.accumulate_grad_batches` A > 1) each micro-batch m of a
     step keeps a pool of its own, sampled at its round's first step (from that micro-batch's task
@@ -60,7 +62,7 @@ class OnlineReplay(L.Callback):
     def __init__(self, every_n_steps: int, num_sequences: int, batch_size: int,
                  sampling: SamplingConfig = SamplingConfig(max_new_tokens=128, batch_size=32),
                  sampler: Literal["reference", "trainable"] = "reference",
-                 prompts: Literal["start", "task"] = "start", stream: str = "replay",
+                 prompts: Literal["start", "task"] = "start", stream: str = REPLAY,
                  demonstrations: bool = False, separator: str = "\n\n") -> None:
         """
         Args:
@@ -84,18 +86,18 @@ class OnlineReplay(L.Callback):
                 raise ValueError(f"OnlineReplay {name} must be >= 1, got {value}")
         if sampler not in ("reference", "trainable"):
             raise ValueError(f"OnlineReplay.sampler must be 'reference' or 'trainable', got {sampler!r}")
-        if prompts not in ("start", "task"):
+        if prompts not in ("start", TASK):
             raise ValueError(f"OnlineReplay.prompts must be 'start' or 'task', got {prompts!r}")
-        if stream not in ("replay", "onpolicy"):
+        if stream not in (REPLAY, ONPOLICY):
             raise ValueError(f"OnlineReplay.stream must be 'replay' or 'onpolicy', got {stream!r}")
         self.every_n_steps, self.num_sequences, self.batch_size = every_n_steps, num_sequences, batch_size
         self.sampling, self.sampler, self.prompts, self.stream = sampling, sampler, prompts, stream
-        if demonstrations and (stream, prompts) != ("onpolicy", "task"):
+        if demonstrations and (stream, prompts) != (ONPOLICY, TASK):
             raise ValueError("OnlineReplay.demonstrations needs prompts: task and stream: onpolicy "
                              f"(the teacher sees the task example its row was prompted from), got "
                              f"prompts: {prompts}, stream: {stream}")
         self.demonstrations, self.separator = demonstrations, separator
-        self.streams = (stream, f"{stream}_teacher") if demonstrations else (stream,)
+        self.streams = (stream, ONPOLICY_TEACHER) if demonstrations else (stream,)
         """The batch streams this callback adds rows to (a regularizer must read each)."""
         self.needs_reference = sampler == "reference"  # the module builds one at fit start
         self.rounds = 0  # pools sampled so far (one per round, times the accumulation)
@@ -110,34 +112,40 @@ class OnlineReplay(L.Callback):
                 "OnlineReplay samples from an unsharded frozen model and does not run under FSDP or "
                 "FSDP2; use DDP, or cached replay written by `cfs generate`"
             )
-        if self.stream == "replay" and any(isinstance(r, KLFromCachedTopK) for r in pl_module.regularizers):
-            raise ValueError("OnlineReplay rows carry no cached top-k, which KLFromCachedTopK needs; "
-                             "use NLLReplay or KLToReference with online replay")
+
+    def carries(self, stream: str) -> tuple[str, ...]:
+        return ()  # sampled rows: no cached top-k
+
+    def describe(self) -> str:
+        demonstrations = ", demonstrations: true" if self.demonstrations else ""
+        return f"the OnlineReplay callback (stream: {self.stream}{demonstrations})"
+
+    def how_to_stop(self, stream: str) -> str:
+        return "set OnlineReplay.demonstrations to false" if stream == ONPOLICY_TEACHER else "remove the callback"
 
     @contextlib.contextmanager
-    def _sampling_model(self, pl_module: L.LightningModule) -> Iterator[torch.nn.Module]:
+    def _sampling_model(self, module: L.LightningModule) -> Iterator[torch.nn.Module]:
         if self.sampler == "reference":
-            with pl_module.reference.as_causal_lm() as model:
+            with module.reference.as_causal_lm() as model:
                 yield model
             return
-        with eval_mode(pl_module.hf_model) as model:  # the weights being trained (LoRA on), dropout off
+        with eval_mode(module.hf_model) as model:  # the weights being trained (LoRA on), dropout off
             yield model
 
-    def _refill(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, draw: int) -> list[dict]:
-        """A fresh pool, the `draw`-th of this rank (round * accumulation + micro-batch)."""
-        seed = self.sampling.seed * 1_000_003 + draw * trainer.world_size + trainer.global_rank
+    def _refill(self, module: L.LightningModule, batch: Mapping[str, Batch], seed: int) -> list[dict]:
+        """A fresh pool sampled with `seed`: context-free rows, or responses to the task prompts."""
         cfg = dataclasses.replace(self.sampling, seed=seed)
-        tok = pl_module.tokenizer
+        tok = module.tokenizer
         self.rounds += 1
-        with self._sampling_model(pl_module) as model:
+        with self._sampling_model(module) as model:
             if self.prompts == "start":
                 return [r for b in sample_context_free(model, tok, cfg, self.num_sequences, None) for r in b]
-            prompts = task_prompts(batch["task"])
+            prompts = task_prompts(batch[TASK])
             rows = [i % len(prompts) for i in range(self.num_sequences)]
             if self.demonstrations:  # the teacher's context: each row's own task example
                 sep = tok(self.separator, add_special_tokens=False)["input_ids"] if self.separator else []
                 examples = [ids[m.bool()].tolist() + sep for ids, m in
-                            zip(batch["task"]["input_ids"], batch["task"]["attention_mask"], strict=True)]
+                            zip(batch[TASK]["input_ids"], batch[TASK]["attention_mask"], strict=True)]
             pool = []
             for b, first in enumerate(range(0, len(rows), cfg.batch_size)):
                 chunk = rows[first:first + cfg.batch_size]
@@ -150,25 +158,27 @@ class OnlineReplay(L.Callback):
                     pool.append(rec)
             return pool
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict,
-                             batch_idx: int) -> None:
-        step, accumulation = trainer.global_step, trainer.accumulate_grad_batches
-        # The micro-batch's place in its optimizer step: every epoch starts a new step (Lightning
-        # steps on an epoch's last batch whatever the accumulation).
-        micro, round_index = batch_idx % accumulation, step // self.every_n_steps
+    def _seed(self, step: StepContext, draw: int) -> int:
+        """The seed of this rank's `draw`-th pool (round * accumulation + micro-batch)."""
+        return self.sampling.seed * 1_000_003 + draw * step.world_size + step.rank
+
+    def rows(self, batch: Mapping[str, Batch], step: StepContext, module: L.LightningModule) -> dict[str, Batch]:
+        """This step's `batch_size` rows of the micro-batch's pool (refilled at its round's first
+        step), and with `demonstrations` their teacher's view."""
+        micro, round_index = step.micro_batch, step.global_step // self.every_n_steps
         if self._rounds.get(micro) != round_index:
-            self._pools[micro] = self._refill(trainer, pl_module, batch, round_index * accumulation + micro)
+            draw = round_index * step.accumulation + micro
+            self._pools[micro] = self._refill(module, batch, self._seed(step, draw))
             self._rounds[micro] = round_index
         pool = self._pools[micro]
-        first = (step % self.every_n_steps) * self.batch_size
+        first = (step.global_step % self.every_n_steps) * self.batch_size
         rows = [pool[(first + j) % len(pool)] for j in range(self.batch_size)]
-        pad = pad_token_id(pl_module.tokenizer)
-        online = {k: v.to(pl_module.device) for k, v in Collator(pad)(rows).items()}
-        s = self.stream
-        batch[s] = merge_batches(batch[s], online, pad) if s in batch else online
+        collate = Collator(pad_token_id(module.tokenizer))
+        added = {self.stream: collate(rows)}
         if self.demonstrations:
-            view = [{"input_ids": r["teacher_input_ids"], "labels": r["teacher_labels"]} for r in rows]
-            batch[f"{s}_teacher"] = {k: v.to(pl_module.device) for k, v in Collator(pad)(view).items()}
+            added[ONPOLICY_TEACHER] = collate([{"input_ids": r["teacher_input_ids"], "labels": r["teacher_labels"]}
+                                               for r in rows])
+        return added
 
 
 def teacher_view(context: list[int], ids: list[int], n_prompt: int, bos_id: int | None) -> dict[str, list[int]]:
@@ -192,12 +202,3 @@ def task_prompts(task: dict[str, torch.Tensor]) -> list[list[int]]:
                              "needs prompt-response task data (task.prompt and task.response)")
         prompts.append(ids[:first])
     return prompts
-
-
-def merge_batches(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
-    """Two padded batches as one (input_ids, attention_mask, labels; cached top-k columns, which
-    online rows lack, are dropped), right-padded to the wider."""
-    width = max(a["input_ids"].size(1), b["input_ids"].size(1))
-    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-    return {k: torch.cat([torch.nn.functional.pad(x[k], (0, width - x[k].size(1)), value=v) for x in (a, b)])
-            for k, v in fill.items()}

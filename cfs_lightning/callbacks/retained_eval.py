@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
-from lm_eval.tasks import TaskManager
 
 from ..evaluation import evaluate_lm, task_manager_for, task_specs
 from ..scores import EVAL, FORGET, write_scores
 from ..training.sharding import full_params_for_eval, is_sharded
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager
 
 
 class RetainedEval(L.Callback):

@@ -7,20 +7,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..tokens import IGNORE_INDEX
+from ..tokens import IGNORE_INDEX, pad_rows
 
 def pad_batch(
     input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int
 ) -> dict[str, torch.Tensor]:
     """Pad to the longest row: `input_ids`, `attention_mask`, `labels` (B, T) int64 tensors."""
-    width = max(len(row) for row in input_ids)
-    ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
-    lab = torch.full((len(input_ids), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(input_ids), width), dtype=torch.long)
-    for i, (row, row_labels) in enumerate(zip(input_ids, labels, strict=True)):
-        ids[i, : len(row)] = torch.as_tensor(row)
-        lab[i, : len(row)] = torch.as_tensor(row_labels)
-        mask[i, : len(row)] = 1
+    ids, mask = pad_rows(input_ids, pad_id)
+    lab, labelled = pad_rows(labels, IGNORE_INDEX)
+    if not torch.equal(mask, labelled):
+        raise ValueError("each row's labels must be as long as its input_ids")
     return {"input_ids": ids, "attention_mask": mask, "labels": lab}
 
 

@@ -23,6 +23,7 @@ from ..shards import (
     require_kind,
 )
 from ..loading import load_tokenizer
+from ..streams import REPLAY, TASK, StreamProducer
 from ..tasks import TaskSource
 from ..tokens import pad_token_id
 from .collate import Collator
@@ -39,12 +40,15 @@ def replay_batch_size(replay_ratio: float, batch_size: int) -> int:
     return max(1, math.floor(replay_ratio * batch_size + 0.5))
 
 
-class ReplayDataModule(L.LightningDataModule):
+class ReplayDataModule(L.LightningDataModule, StreamProducer):
     """Yields `{"task": batch, "replay": batch}` every training step.
 
     The epoch is defined by the task data; replay is read memory-mapped from the shards and cycles
     when exhausted. Validation runs the task's validation split and a held-out slice of replay,
     each batch wrapped as `{"task": ...}` or `{"replay": ...}`.
+
+    A stream producer (`cfs_lightning.streams.StreamProducer`): it declares the streams of its
+    training batches, which the LightningModule checks against what its loss terms read.
     """
 
     def __init__(
@@ -100,9 +104,15 @@ class ReplayDataModule(L.LightningDataModule):
         self._resume: dict[str, int] | None = None
 
     @property
-    def train_streams(self) -> tuple[str, ...]:
+    def streams(self) -> tuple[str, ...]:
         """The streams of every training batch: `task`, and `replay` when replay is mixed in."""
-        return ("task", "replay") if self.replay_batch_size else ("task",)
+        return (TASK, REPLAY) if self.replay_batch_size else (TASK,)
+
+    def describe(self) -> str:
+        return f"data.replay_ratio={self.replay_ratio}"
+
+    def how_to_stop(self, stream: str) -> str:
+        return "set data.replay_ratio to 0 (the held-out replay is still validated)"
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -199,13 +209,13 @@ class ReplayDataModule(L.LightningDataModule):
         grouping = ({"lengths": [len(ids) for ids in data["input_ids"]], "batch_size": self.batch_size}
                     if self.group_by_length else {})
         task = TaskSampler(len(data), seed=self.seed, **ranks, **grouping)
-        loaders = {"task": self._loader("task_train", self.batch_size, sampler=task)}
+        loaders = {TASK: self._loader("task_train", self.batch_size, sampler=task)}
         if self.replay_batch_size:
-            n_steps = len(loaders["task"])
+            n_steps = len(loaders[TASK])
             self._check_passes(n_steps, ranks["num_replicas"])
             replay = CyclingSampler(len(self.datasets["replay_train"]), n_steps * self.replay_batch_size,
                                     seed=self.seed, **ranks)
-            loaders["replay"] = self._loader("replay_train", self.replay_batch_size, sampler=replay)
+            loaders[REPLAY] = self._loader("replay_train", self.replay_batch_size, sampler=replay)
         if self._resume is not None:  # continue the epoch a checkpoint was taken in, where it was
             epoch, batches = self._resume["epoch"], self._resume["batches"]
             for loader in loaders.values():
@@ -258,7 +268,7 @@ class ReplayDataModule(L.LightningDataModule):
     def _eval_loaders(self, task_split: str) -> list[DataLoader]:
         return [
             self._loader(name, self.val_batch_size, stream=stream)
-            for name, stream in ((task_split, "task"), ("replay_val", "replay"))
+            for name, stream in ((task_split, TASK), ("replay_val", REPLAY))
             if name in self.datasets
         ]
 

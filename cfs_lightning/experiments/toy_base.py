@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..io import sha256_file, write_text
 from .init_model import init_model
-from .report import read_csv_metrics
+from .runs import read_csv_metrics
 from .runner import run_cli, run_command
 
 BUILD = "BUILD.json"

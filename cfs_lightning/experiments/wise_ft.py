@@ -3,28 +3,33 @@
 theta(alpha) = (1 - alpha) * theta_base + alpha * theta_ft (Wortsman et al., arXiv 2109.01903):
 alpha = 0 is the base model, alpha = 1 the fine-tuned one. Sweeping alpha traces how much
 downstream gain is bought with how much retained ability. A single alpha to report is chosen on
-held-out documents (`AlphaSelection`), never on the scores it reports.
+held-out documents (`AlphaSelection`), never on the scores it reports; the run's scores (as a
+fit's: `scores.SCORES_FILE`) are alpha 0's and the chosen alpha's, so `cfs report` reads a WiSE-FT
+run as it reads a fit.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ..evaluation import evaluate_lm, task_manager_for, task_specs
-from ..io import atomic_file
 from ..loading import load_causal_lm, load_tokenizer
+from ..scores import EVAL, FORGET, write_scores
+from . import plots
+from .runs import SWEEP
+from .summary import forgetting_recovered, gain_kept
+from .tables import markdown_table, write_results
 
 
 @dataclass
 class AlphaSelection:
     """Where one alpha is chosen: validation tasks whose documents the reported tasks never see
     (configs/tasks/*_val.yaml: the last 200 documents, which the test tasks leave out), and
-    their retained and downstream metrics. `cfs report` keeps, per seed, the alpha with the most
-    forgetting recovered plus gain kept on these, and reports that alpha's test scores."""
+    their retained and downstream metrics. The alpha with the most forgetting recovered plus gain
+    kept on these, relative to the sweep's own ends (alpha 0 and 1), is the run's result."""
 
     tasks: list[str]
     """lm-eval task names or YAML files of the validation documents."""
@@ -55,6 +60,57 @@ def interpolated_state(base: dict[str, torch.Tensor], finetuned: dict[str, torch
             for name, b in base.items()}
 
 
+def choose_alpha(rows: list[dict[str, float]], select_on: AlphaSelection, better: dict[str, bool]) -> dict:
+    """The sweep's row with the most forgetting recovered + gain kept on `select_on`'s metrics,
+    relative to the sweep's own ends (alpha 0: the base, alpha 1: the fine-tuned model)."""
+    by_alpha = {r["alpha"]: r for r in rows}
+    if 0.0 not in by_alpha or 1.0 not in by_alpha:
+        raise ValueError(f"WiSE-FT: choosing an alpha needs alphas 0 and 1 in the sweep; it has {sorted(by_alpha)}")
+    base, ft = by_alpha[0.0], by_alpha[1.0]
+    ret, down = select_on.retained, select_on.downstream
+    sign = {m: -1.0 if better[m] else 1.0 for m in (ret, down)}
+
+    def score(r: dict) -> float:
+        return (forgetting_recovered(r[ret], ft[ret], base[ret], sign[ret])
+                + gain_kept(r[down], ft[down], base[down], sign[down]))
+
+    return max(rows, key=score)
+
+
+def run_scores(rows: list[dict], chosen: dict, select_on: AlphaSelection, better: dict[str, bool]) -> list[dict]:
+    """The run's evaluations as a fit writes them: the base model (alpha 0), then the chosen
+    alpha, with `forget/` (its change since alpha 0, positive: worse) and what it was chosen on."""
+    base = next(r for r in rows if r["alpha"] == 0.0)
+    out = []
+    for row in (base, chosen):
+        entry = {"alpha": row["alpha"], **{f"{EVAL}{k}": v for k, v in row.items() if k != "alpha"}}
+        entry |= {f"{FORGET}{k}": (base[k] - v if better[k] else v - base[k]) for k, v in row.items() if k != "alpha"}
+        out.append(entry)
+    out[-1]["chosen_on"] = [select_on.retained, select_on.downstream]
+    return out
+
+
+def _sweep(base: str, finetuned: str, specs: list, alphas: list[float], needed: list[str], eval_args: dict,
+           dtype: str | None, device: str, trust_remote_code: bool) -> tuple[list[dict], dict[str, bool]]:
+    """Every alpha's lm-eval scores, and each metric's direction."""
+    tokenizer = load_tokenizer(finetuned, trust_remote_code)
+    model = load_causal_lm(finetuned, dtype, trust_remote_code)
+    ft_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    base_state = load_causal_lm(base, dtype, trust_remote_code).state_dict()
+    check_compatible(base_state, ft_state)  # before any evaluation
+    model.to(device).eval()
+    task_manager, rows, better = task_manager_for(specs), [], {}
+    for alpha in alphas:
+        model.load_state_dict(interpolated_state(base_state, ft_state, alpha))
+        scores, better = evaluate_lm(model, tokenizer, specs, task_manager=task_manager, **eval_args)
+        for key in needed:
+            if key not in scores:
+                raise KeyError(f"metric {key!r} was not computed; the tasks give {sorted(scores)}")
+        rows.append({"alpha": alpha, **scores})
+        print(f"alpha={alpha:g}: {needed[0]}={scores[needed[0]]:.4f} {needed[1]}={scores[needed[1]]:.4f}")
+    return rows, better
+
+
 def interpolate(
     base: str,
     finetuned: str,
@@ -74,9 +130,9 @@ def interpolate(
 ) -> list[dict]:
     """Evaluate theta(alpha) = (1 - alpha) theta_base + alpha theta_ft for every alpha with lm-eval.
 
-    Writes `wise_ft.json` (`select_on` and one row of scores per alpha), `wise_ft.md` (the table)
-    and `wise_ft.png` (retained and downstream scores against alpha, and downstream against
-    retained) into `output_dir`.
+    Writes into `output_dir`: `wise_ft.json` / `wise_ft.md` (one row of scores per alpha, and
+    `select_on`), `wise_ft.png` (both scores against alpha, and downstream against retained) and,
+    with `select_on`, the run's scores (alpha 0 and the chosen alpha), which `cfs report` reads.
 
     Args:
         base: The base model (hub name or directory).
@@ -86,81 +142,30 @@ def interpolate(
         retained: `<task>/<metric>` of retained ability, for the plot.
         downstream: `<task>/<metric>` of the downstream task, for the plot.
         alphas: Interpolation weights of the fine-tuned model (0 = base, 1 = fine-tuned).
-        output_dir: Where the table and plot go.
-        batch_size: lm-eval batch size.
-        limit: Documents per task (int) or fraction (float); None: all.
-        max_length: Context length for lm-eval; default: the model's.
-        add_bos_token: Passed to lm-eval's HFLM; None keeps the tokenizer's own behaviour.
+        output_dir: Where the scores, table and plot go.
+        batch_size, limit, max_length, add_bos_token: lm-eval's, as in `RetainedEval`.
         dtype: Weight dtype (`float32`, `bfloat16`, ...); default float32.
         device: `auto` (CUDA when available), `cpu`, `cuda`, ...
         trust_remote_code: Allow model code shipped with the checkpoint to run.
         select_on: Validation tasks to choose one alpha on (evaluated beside `tasks`, same
-            `limit`); `cfs report` needs them to put the sweep in its table.
+            `limit`); without them no alpha is chosen and `cfs report` has no run here.
     """
     if not alphas:
         raise ValueError("interpolate needs at least one alpha")
     if select_on is not None and set(select_on.tasks) & set(tasks):
         raise ValueError(f"select_on.tasks {sorted(set(select_on.tasks) & set(tasks))} are also reported "
                          "tasks: choose alpha on held-out documents (e.g. configs/tasks/*_val.yaml)")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = load_tokenizer(finetuned, trust_remote_code)
-    model = load_causal_lm(finetuned, dtype, trust_remote_code)
-    ft_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    base_state = load_causal_lm(base, dtype, trust_remote_code).state_dict()
-    check_compatible(base_state, ft_state)  # before any evaluation
-    model.to(device).eval()
-    specs = task_specs(tasks + (select_on.tasks if select_on is not None else []))
-    task_manager = task_manager_for(specs)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     needed = [retained, downstream] + ([select_on.retained, select_on.downstream] if select_on else [])
-    rows = []
-    for alpha in alphas:
-        model.load_state_dict(interpolated_state(base_state, ft_state, alpha))
-        scores, _ = evaluate_lm(model, tokenizer, specs, batch_size, limit, max_length, add_bos_token,
-                                task_manager)
-        for key in needed:
-            if key not in scores:
-                raise KeyError(f"metric {key!r} was not computed; the tasks give {sorted(scores)}")
-        rows.append({"alpha": alpha, **scores})
-        print(f"alpha={alpha:g}: {retained}={scores[retained]:.4f} {downstream}={scores[downstream]:.4f}")
+    eval_args = dict(batch_size=batch_size, limit=limit, max_length=max_length, add_bos_token=add_bos_token)
+    rows, better = _sweep(base, finetuned, task_specs(tasks + (select_on.tasks if select_on else [])), alphas,
+                          needed, eval_args, dtype, device, trust_remote_code)
     out = Path(output_dir)
-    sweep = {"select_on": asdict(select_on) if select_on is not None else None, "rows": rows}
-    for name, write in (("wise_ft.json", lambda p: p.write_text(json.dumps(sweep, indent=2) + "\n")),
-                        ("wise_ft.md", lambda p: p.write_text(to_markdown(rows))),
-                        ("wise_ft.png", lambda p: plot(rows, retained, downstream, p))):
-        with atomic_file(out / name) as tmp:
-            write(tmp)
-    print(to_markdown(rows))
-    return rows
-
-
-def to_markdown(rows: list[dict]) -> str:
+    if select_on is not None:
+        write_scores(out, run_scores(rows, choose_alpha(rows, select_on, better), select_on, better))
     keys = [k for k in rows[0] if k != "alpha"]
-    lines = ["| alpha | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    lines += [f"| {r['alpha']:g} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def plot(rows: list[dict], retained: str, downstream: str, path: Path) -> None:
-    """Both scores against alpha (left) and downstream against retained, labelled by alpha (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    alphas = [r["alpha"] for r in rows]
-    ret, down = [r[retained] for r in rows], [r[downstream] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(alphas, ret, "o-", label=f"retained: {retained}")
-    left.plot(alphas, down, "s-", label=f"downstream: {downstream}")
-    left.set_xlabel("alpha (0 = base, 1 = fine-tuned)")
-    left.legend(fontsize=8)
-    right.plot(ret, down, "o-")
-    for a, x, y in zip(alphas, ret, down):
-        right.annotate(f"{a:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    right.set_xlabel(retained)
-    right.set_ylabel(downstream)
-    fig.suptitle("WiSE-FT: theta(alpha) = (1 - alpha) theta_base + alpha theta_ft")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    table = markdown_table(["alpha", *keys], [[f"{r['alpha']:g}"] + [f"{r[k]:.4f}" for k in keys] for r in rows]) + "\n"
+    sweep = {"select_on": asdict(select_on) if select_on is not None else None, "rows": rows}
+    write_results(out, sweep, table, stem=SWEEP.removesuffix(".json"),
+                  plots=[plots.wise_ft(rows, retained, downstream, out / "wise_ft.png")])
+    return rows

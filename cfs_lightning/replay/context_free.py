@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..loading import BaseModelArgs
 from ..sampling import Budget, GenerationError, SamplingConfig, sample_context_free
-from ..shards import ShardOutput, provenance, write_shards
+from ..shards import ShardOutput, Stream, provenance, write_shards
 from ..tasks import TaskSource
 from ..tokens import eval_mode, resolve_start_token, stop_token_ids
 from .vllm_backend import sample_with_vllm
@@ -68,22 +68,30 @@ def generate_replay(
         "budget": {"requested": vars(budget), "task_size": task_size,
                    "max_sequences": max_sequences, "max_tokens": max_tokens},
     }
+    stream = _stream(model, tokenizer, sampling, max_sequences, max_tokens, store_topk, distributed, backend)
+    with eval_mode(model):
+        return write_shards(output_dir, stream, manifest, shard_size, overwrite, distributed)
+
+
+def _stream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sampling: SamplingConfig,
+            max_sequences: int | None, max_tokens: int | None, store_topk: int, distributed: bool,
+            backend: Literal["hf", "vllm"]) -> Stream:
+    """The batches `write_shards` writes, with a progress bar on rank 0: resumable with `hf`."""
     shown = not distributed or dist.get_rank() == 0
     total, unit = (max_sequences, "seq") if max_sequences else (max_tokens, "tok")
     if backend == "vllm":  # not resumable mid-stream: a rerun samples again, the writer skips what is on disk
-        stream = _with_progress(sample_with_vllm(model.name_or_path, tokenizer, sampling, max_sequences,
-                                                 max_tokens, stop_token_ids(tokenizer, model), store_topk,
-                                                 dtype=str(model.dtype).removeprefix("torch.")),
-                                total, unit, shown)
-    else:
-        def stream(written: list[int]):
-            """The rest of the budget after the `written` records."""
-            batches = sample_context_free(model, tokenizer, sampling, max_sequences, max_tokens,
-                                          store_topk, distributed, written)
-            return _with_progress(batches, total, unit, shown, len(written) if unit == "seq" else sum(written))
+        return _with_progress(sample_with_vllm(model.name_or_path, tokenizer, sampling, max_sequences,
+                                               max_tokens, stop_token_ids(tokenizer, model), store_topk,
+                                               dtype=str(model.dtype).removeprefix("torch.")),
+                              total, unit, shown)
 
-    with eval_mode(model):
-        return write_shards(output_dir, stream, manifest, shard_size, overwrite, distributed)
+    def stream(written: list[int]) -> Iterator[list[dict]]:
+        """The rest of the budget after the `written` records."""
+        batches = sample_context_free(model, tokenizer, sampling, max_sequences, max_tokens,
+                                      store_topk, distributed, written)
+        return _with_progress(batches, total, unit, shown, len(written) if unit == "seq" else sum(written))
+
+    return stream
 
 
 def _with_progress(batches, total: int, unit: str, shown: bool = True, done: int = 0):

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from transformers import PreTrainedTokenizerBase
 
-from ..sampling import GenerationError, SamplingConfig, _fit_token_budget, _trim
+from ..sampling import GenerationError, SamplingConfig, fit_token_budget, trim_at_stop
 from ..tokens import resolve_start_token
 
 
@@ -60,7 +60,7 @@ def sample_with_vllm(
         outputs = llm.generate([{"prompt_token_ids": [start_id]}] * n, params, use_tqdm=False)
         records = [_record(out.outputs[0], start_id, stops, cfg, store_topk) for out in outputs]
         if max_tokens is not None:
-            records = _fit_token_budget(records, max_tokens - done_tokens)
+            records = fit_token_budget(records, max_tokens - done_tokens)
         done_seqs += len(records)
         done_tokens += sum(len(r["input_ids"]) - 1 for r in records)
         batch += 1
@@ -68,7 +68,7 @@ def sample_with_vllm(
 
 
 def _record(completion, start_id: int, stops: list[int], cfg: SamplingConfig, store_topk: int) -> dict:
-    record = {"input_ids": _trim([start_id, *completion.token_ids], stops, cfg.stop_at_eos)}
+    record = {"input_ids": trim_at_stop([start_id, *completion.token_ids], stops, cfg.stop_at_eos)}
     if store_topk:
         n_gen = len(record["input_ids"]) - 1
         steps = [sorted(step.items(), key=lambda kv: kv[1].rank)[:store_topk]  # the sampled token

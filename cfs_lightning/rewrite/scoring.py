@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from ..tokens import eval_mode
+from ..tokens import eval_mode, pad_rows
 
 
 @torch.no_grad()
@@ -24,13 +24,7 @@ def per_token_nll(model: PreTrainedModel, sequences: list[list[int]], pad_id: in
     with eval_mode(model):
         for start in range(0, len(sequences), batch_size):
             rows = sequences[start: start + batch_size]
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, row in enumerate(rows):
-                ids[i, : len(row)] = torch.as_tensor(row)
-                mask[i, : len(row)] = 1
-            ids, mask = ids.to(device), mask.to(device)
+            ids, mask = (t.to(device) for t in pad_rows(rows, pad_id))  # (B, T), right-padded
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
             nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
             scores += [nll[i, : len(row) - 1].tolist() for i, row in enumerate(rows)]

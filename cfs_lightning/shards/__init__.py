@@ -16,7 +16,8 @@ from .manifest import (
     tokenizer_fingerprint,
 )
 from .reader import check_rows, load_shards, verify_shards
-from .writer import ShardOutput, write_shards
+from .writer import ShardOutput, Stream, write_shards
+from .merge import merge_shards
 
 __all__ = [
     "KINDS",
@@ -26,10 +27,12 @@ __all__ = [
     "ReplayIntegrityError",
     "ReplayMismatchError",
     "ShardOutput",
+    "Stream",
     "check_manifest",
     "check_model",
     "check_rows",
     "load_shards",
+    "merge_shards",
     "model_fingerprint",
     "provenance",
     "read_manifest",

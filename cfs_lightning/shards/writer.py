@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ import torch.distributed as dist
 from datasets import Dataset, Features
 from datasets.arrow_writer import ArrowWriter
 
-from ..io import atomic_file, exclusive_lock, fsync, sha256_file, write_text
+from ..io import atomic_file, exclusive_lock, replace_dir, restore_dir, sha256_file, write_text
 from .manifest import COLUMNS, FORMAT, MANIFEST, ReplayIntegrityError, read_manifest
 
 log = logging.getLogger(__name__)
@@ -136,9 +135,7 @@ def _request(manifest: dict, shard_size: int, world: int | None) -> dict:
 
 def _prepare(out: Path, partial: Path, request: dict, overwrite: bool) -> dict | None:
     """Decide what this call does; return the finished manifest when there is nothing to do."""
-    old = out.with_name(out.name + ".old")
-    if old.is_dir() and not out.exists():  # killed while swapping in a new set: put the old back
-        os.replace(old, out)
+    restore_dir(out)  # killed while swapping in a new set: put the old back
     if (partial / MANIFEST).is_file():  # finished but killed before it was moved into place
         if _settings_of(partial) == request:
             return _move_into_place(out, partial)
@@ -281,13 +278,7 @@ def _finish(out: Path, partial: Path, manifest: dict, request: dict, world: int 
 
 
 def _move_into_place(out: Path, partial: Path) -> dict:
-    """Rename the finished `partial` to `out`; an old `out` is removed only after the rename."""
-    old = out.with_name(out.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(partial, out)
-    fsync(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    """Publish the finished `partial` as `out` (`io.replace_dir`: an old set is deleted only once
+    the new one is in place); return its manifest."""
+    replace_dir(partial, out)
     return read_manifest(out)

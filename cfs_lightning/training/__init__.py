@@ -1,5 +1,7 @@
 """Training: the LightningModule, its frozen reference, losses, LoRA, sharding and regularizers."""
 
-from .module import CFSFineTuner, CausalLMFineTuner, NonFiniteLossError
+from .module import CausalLMFineTuner
+from .nonfinite import NonFiniteLossError
+from .presets import CFSFineTuner
 
 __all__ = ["CFSFineTuner", "CausalLMFineTuner", "NonFiniteLossError"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 ADAPTER_DIR = "adapter"
 """Sub-directory of an export that holds the LoRA adapter alone (`PeftModel.from_pretrained`)."""
@@ -63,3 +63,13 @@ def save_merged(model: PeftModel, out: str | Path) -> None:
 def unwrap(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
     """The transformers model inside a LoRA wrapper (adapters still applied), or `model` itself."""
     return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def save_hf(model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, out: str | Path) -> None:
+    """Write `model` and `tokenizer` as a Hugging Face checkpoint; a LoRA model merged, with the
+    adapter alone under `adapter/` (`save_merged`)."""
+    if isinstance(model, PeftModel):
+        save_merged(model, out)
+    else:
+        model.save_pretrained(out)
+    tokenizer.save_pretrained(out)

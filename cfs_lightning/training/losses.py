@@ -1,16 +1,10 @@
 """Token-level losses, formed a chunk of target tokens at a time from the model's final hidden
 states, so that a step never holds the (B, T, V) logits.
 
-A stream's next-token logits are a `Logits`: the final hidden states (B, T, H) and the output
-head that maps them to logits (or, where the head cannot be split off, the (B, T, V) logits
-themselves). Every loss is a sum over a batch's target positions of a per-token function of the
-logits (`head_sum`): the rows of the target positions are gathered, and the head and the function
-run on `chunk` of them at a time. With gradients on, each chunk's gradients with respect to its
-hidden states and the head's parameters are formed right there (`_ChunkedHead`), so the logits of
-a chunk, and everything the function derives from them, are freed before the next chunk: at most
-about `LOGITS_PER_CHUNK` logits exist at once, and the head runs once forward and twice backward
-per token, as it does in the unchunked step. Only target positions reach the head: prompt and
-padding positions cost nothing there.
+Every loss is a sum over a batch's target positions of a per-token function of the logits
+(`heads.head_sum`, which runs the output head on a chunk of target tokens at a time): the NLL
+(`nll`), and the divergence between two next-token distributions (`token_divergence`) that the
+KL terms, SDFT and the forgetting meter take.
 
 Every training term is that sum divided by a normalizer (`NORMALIZATIONS`, the module's
 `normalize`): `token` divides by the number of target tokens, a mean in nats per token (the
@@ -23,147 +17,18 @@ the paper's lambda_sequence x (mean replay length / mean response length) in tok
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from ..tokens import IGNORE_INDEX
-
-LOGITS_PER_CHUNK = 2**26
-"""Logits formed at once by default (256 MiB in float32): the chunk holds this many divided by the
-vocabulary size tokens, e.g. 1,365 for SmolLM2's 49,152 and 256 for Gemma 3's 262,144."""
+from .heads import Logits, head_sum
 
 Normalization = Literal["token", "sequence"]
 NORMALIZATIONS = ("token", "sequence")
-
-
-@dataclass
-class Logits:
-    """One stream's next-token logits, held as what they are computed from.
-
-    Attributes:
-        hidden: (B, T, H) final hidden states; with `head` None, (B, T, V) logits.
-        head: Maps (N, H) hidden states to (N, V) logits (with any post-processing, e.g.
-            soft-capping); None when `hidden` already holds the logits.
-        params: The head's parameters (those that require grad receive their gradients).
-        vocab_size: V, the head's output size.
-    """
-
-    hidden: torch.Tensor
-    head: Callable[[torch.Tensor], torch.Tensor] | None = None
-    params: Sequence[torch.Tensor] = field(default_factory=tuple)
-    vocab_size: int | None = None
-
-    @property
-    def vocab(self) -> int:
-        """V: the head's output size, or the logits' last dimension."""
-        if self.head is None:
-            return self.hidden.size(-1)
-        if self.vocab_size is None:
-            raise ValueError("Logits with a head need its vocab_size")
-        return self.vocab_size
-
-    def full(self) -> torch.Tensor:
-        """(B, T, V) logits, whole: for small vocabularies and tests only."""
-        return self.hidden if self.head is None else self.head(self.hidden)
-
-
-def as_logits(logits: Logits | torch.Tensor) -> Logits:
-    """A `Logits`, from a (B, T, V) tensor if need be."""
-    return logits if isinstance(logits, Logits) else Logits(logits)
-
-
-def chunk_tokens(vocab: int, chunk_size: int | None = None) -> int:
-    """Target tokens per chunk: `chunk_size`, or `LOGITS_PER_CHUNK // vocab` when None."""
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
-    return chunk_size or max(1, LOGITS_PER_CHUNK // vocab)
-
-
-class _ChunkedHead(torch.autograd.Function):
-    """sum_n per_token(head(hidden[n]), *extras[n]) over rows n, a chunk of rows at a time.
-
-    The forward pass also forms, chunk by chunk, the sum's gradients with respect to the hidden
-    rows and the head's parameters that need one (by autograd on the chunk alone), and keeps only
-    those; the backward pass scales them, in place, by the incoming gradient. No chunk's logits
-    outlive it. With no input needing a gradient, the chunks run without autograd. The gradients
-    are buffers of this call, not inputs or outputs, so they are kept on `ctx`.
-    """
-
-    @staticmethod
-    def forward(ctx, per_token, head, size, n_extras, hidden, *tensors):
-        extras, params = tensors[:n_extras], tensors[n_extras:]
-        wants_hidden = ctx.needs_input_grad[4]
-        wants = [i for i, w in enumerate(ctx.needs_input_grad[5 + n_extras:]) if w]
-        acc = torch.promote_types(hidden.dtype, torch.float32)
-        grad_hidden = torch.zeros_like(hidden) if wants_hidden else None
-        grad_params: dict[int, torch.Tensor] = {}  # the first chunk's gradient becomes the buffer
-        total = torch.zeros((), dtype=acc, device=hidden.device)
-        differentiated = wants_hidden or bool(wants)
-        for start in range(0, hidden.size(0), size):
-            rows = slice(start, start + size)
-            h = hidden[rows].detach().requires_grad_(wants_hidden)
-            with torch.set_grad_enabled(differentiated):
-                logits = head(h) if head is not None else h
-                value = per_token(logits, *(x[rows] for x in extras)).sum()
-            total += value.detach().to(acc)
-            if not differentiated:
-                continue
-            grads = torch.autograd.grad(value, ([h] if wants_hidden else []) + [params[i] for i in wants],
-                                        allow_unused=True)
-            if wants_hidden:
-                grad_hidden[rows] = grads[0]
-            for i, g in zip(wants, grads[1:] if wants_hidden else grads):
-                if g is None:  # a parameter this head does not use
-                    continue
-                if i in grad_params:
-                    grad_params[i] += g
-                else:
-                    grad_params[i] = g.to(torch.promote_types(g.dtype, torch.float32))
-        ctx.grads, ctx.n_extras, ctx.dtypes = (grad_hidden, grad_params), n_extras, [p.dtype for p in params]
-        return total
-
-    @staticmethod
-    def backward(ctx, grad):
-        if ctx.grads is None:
-            raise RuntimeError("a chunked loss was differentiated twice; its gradients are used up by the first "
-                               "backward pass (retain_graph is not supported)")
-        grad_hidden, grad_params = ctx.grads
-        ctx.grads = None  # scaled in place below: one backward pass
-        if grad_hidden is not None:
-            grad_hidden.mul_(grad)
-        params = [grad_params[i].mul_(grad).to(dtype) if i in grad_params else None
-                  for i, dtype in enumerate(ctx.dtypes)]
-        return (None, None, None, None, grad_hidden, *([None] * ctx.n_extras), *params)
-
-
-def head_sum(
-    per_token: Callable[..., torch.Tensor],
-    logits: Logits | torch.Tensor,
-    positions: torch.Tensor,
-    *inputs: torch.Tensor,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Sum over the True `positions` of `per_token(logits at the position, *inputs at it)`.
-
-    Args:
-        per_token: Maps (N, V) logits and (N, ...) rows of each input to (N,) values.
-        logits: The stream's `Logits` (or a (B, T, V) tensor).
-        positions: (B, T) boolean mask of the positions summed over.
-        inputs: (B, T, ...) tensors read at the same positions (targets, reference states, ...).
-        chunk_size: Positions per chunk; None: `LOGITS_PER_CHUNK` logits' worth.
-    """
-    logits = as_logits(logits)
-    hidden = logits.hidden[positions]  # (N, H)
-    rows = [x[positions] for x in inputs]
-    # Under no_grad nothing is differentiated: no input is marked as needing a gradient.
-    params = [p for p in logits.params if p.requires_grad] if torch.is_grad_enabled() else []
-    hidden = hidden if torch.is_grad_enabled() else hidden.detach()
-    return _ChunkedHead.apply(per_token, logits.head, chunk_tokens(logits.vocab, chunk_size), len(rows),
-                              hidden, *rows, *params)
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -205,7 +70,7 @@ def chunked_target_mean(
             labels[:, t + 1] is a target.
         logits: The stream's `Logits` (or (B, T, V) logits).
         inputs: (B, T, ...) tensors read at the same positions.
-        chunk_size: Target tokens per chunk; None: sized by the vocabulary (`chunk_tokens`).
+        chunk_size: Target tokens per chunk; None: sized by the vocabulary (`heads.chunk_tokens`).
         per: `token` or `sequence` (`normalizer`).
     """
     valid = target_positions(labels)
@@ -218,18 +83,6 @@ def nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="none")
 
 
-def dft(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Dynamic Fine-Tuning's per-token loss (arXiv 2508.05629): sg(p) * NLL.
-
-    Each target token's NLL is scaled by the model's own probability of that token,
-    p = exp(-NLL), detached, so the gradient is p * grad(NLL): confident tokens keep their full
-    step, improbable ones are damped. Averaged over target tokens, as TRL's `loss_type="dft"` and
-    LLaMA-Factory's `use_dft_loss` take it (`mean_token_loss(..., dft)`).
-    """
-    values = nll(logits, targets)
-    return values * torch.exp(-values.detach())
-
-
 def mean_token_loss(
     logits: Logits | torch.Tensor,
     labels: torch.Tensor,
@@ -237,8 +90,8 @@ def mean_token_loss(
     per_token: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nll,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """A next-token loss (`nll` by default, or `dft`) summed over target tokens, in nats per token
-    (or per sequence: `per`)."""
+    """A next-token loss (`nll` by default; a task loss's `per_token`) summed over target tokens, in
+    nats per token (or per sequence: `per`)."""
     return chunked_target_mean(per_token, labels, logits, next_targets(labels), chunk_size=chunk_size, per=per)
 
 
@@ -246,3 +99,79 @@ def token_nll(logits: Logits | torch.Tensor, labels: torch.Tensor) -> tuple[torc
     """Summed next-token NLL (nats) and the number of target tokens."""
     valid = target_positions(labels)
     return head_sum(nll, logits, valid, next_targets(labels)), valid.sum()
+
+
+def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last dim from (finite) log-probabilities."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+class _ForwardKL(torch.autograd.Function):
+    """KL(softmax(ref_logits) || softmax(logits)) per position, with a hand-written backward.
+
+    Autograd through `_kl` holds five (..., V) tensors at once (both log-softmaxes, p, the
+    difference and the product) and replays each op backwards. Here the forward holds two (log p,
+    reused in place, and p) and keeps p and the log-normaliser of `logits`; the backward is
+    d KL / d logits = softmax(logits) - p, formed in one buffer. No gradient reaches ref_logits.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+        lse = logits.logsumexp(-1, keepdim=True)
+        logp = ref_logits.log_softmax(-1)
+        p = logp.exp()
+        ctx.save_for_backward(logits, lse, p)
+        return logp.sub_(logits).add_(lse).mul_(p).sum(-1)  # sum p (log p - log q)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, lse, p = ctx.saved_tensors
+        return (logits - lse).exp_().sub_(p).mul_(grad.unsqueeze(-1)), None
+
+
+def token_divergence(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    direction: Literal["forward", "reverse"] = "forward",
+    beta: float | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Divergence between the next-token distributions at every position, in nats.
+
+    With p_ref = softmax(ref_logits / temperature) and p_theta = softmax(logits / temperature)
+    (computed in at least float32):
+      - `beta=None, direction="forward"`: KL(p_ref || p_theta), mode-covering; the quantity whose
+        Monte Carlo estimate on base-model samples is the replay NLL;
+      - `beta=None, direction="reverse"`: KL(p_theta || p_ref), mode-seeking;
+      - `beta` in [0, 1]: the generalised Jensen-Shannon divergence in TRL's GKD convention,
+        with the reference as the teacher: M = beta * p_ref + (1 - beta) * p_theta and
+        JSD_beta = beta * KL(p_ref || M) + (1 - beta) * KL(p_theta || M). As in TRL the endpoints
+        are defined as the KLs themselves: beta=0 is forward KL(p_ref || p_theta), beta=1 is
+        reverse KL(p_theta || p_ref); beta=0.5 is the symmetric Jensen-Shannon divergence.
+        The divergence is therefore discontinuous at both ends: for beta in (0, 1) it is at most
+        the binary entropy -beta log(beta) - (1 - beta) log(1 - beta) nats, which tends to 0 as
+        beta approaches 0 or 1, while at 0 and 1 it jumps to a KL, which can be many nats.
+
+    Args:
+        logits: (..., V) trainable-model logits.
+        ref_logits: (..., V) reference logits.
+
+    Returns:
+        (...) divergence per position.
+    """
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    logits, ref_logits = logits.to(dtype), ref_logits.to(dtype)
+    if temperature != 1.0:
+        logits, ref_logits = logits / temperature, ref_logits / temperature
+    if (beta == 0 or (beta is None and direction == "forward")) and not ref_logits.requires_grad:
+        return _ForwardKL.apply(logits, ref_logits)
+    logq = logits.log_softmax(-1)  # trainable
+    logp = ref_logits.log_softmax(-1)  # reference
+    if beta is None:
+        return _kl(logp, logq) if direction == "forward" else _kl(logq, logp)
+    if beta == 0:
+        return _kl(logp, logq)
+    if beta == 1:
+        return _kl(logq, logp)
+    logm = torch.logaddexp(logp + math.log(beta), logq + math.log(1 - beta))
+    return beta * _kl(logp, logm) + (1 - beta) * _kl(logq, logm)

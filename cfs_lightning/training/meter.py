@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from .losses import Logits, chunked_target_mean
+from ..streams import CACHED_TOPK
+from .heads import Logits
+from .losses import chunked_target_mean, token_divergence
 from .reference import FrozenReference
-from .regularizers import token_divergence, topk_forward_kl
+from .regularizers import topk_forward_kl
 
 
 def meter_source(reference: FrozenReference | None, batch: dict) -> str | None:
@@ -21,7 +23,7 @@ def meter_source(reference: FrozenReference | None, batch: dict) -> str | None:
     replay shards' cached top-k, coarsened to k tokens plus the tail: a lower bound), or None."""
     if reference is not None:
         return "reference"
-    return "topk" if "topk_ids" in batch else None
+    return "topk" if set(CACHED_TOPK) <= batch.keys() else None
 
 
 @torch.no_grad()
@@ -47,8 +49,8 @@ def forgetting_kl(
     if source is None:
         return None
     if source == "topk":
-        return chunked_target_mean(topk_forward_kl, batch["labels"], logits, batch["topk_ids"],
-                                   batch["topk_logprobs"], chunk_size=chunk_size).clamp_min(0)
+        return chunked_target_mean(topk_forward_kl, batch["labels"], logits, *(batch[k] for k in CACHED_TOPK),
+                                   chunk_size=chunk_size).clamp_min(0)
     hidden = reference.hidden_states(batch["input_ids"], batch["attention_mask"])
 
     def per_token(chunk_logits: torch.Tensor, chunk_hidden: torch.Tensor) -> torch.Tensor:

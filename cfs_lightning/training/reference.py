@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from peft import PeftModel
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from ..tokens import eval_mode
 from .heads import backbone, postprocess_logits, reproduces_logits
 from .sharding import is_sharded, shard_fsdp2
 
@@ -44,7 +45,8 @@ class FrozenReference:
     """Next-token distributions of the initial model, frozen.
 
     Two ways to hold it:
-      - `copy`: a deep copy of the initial weights, `eval()` (dropout off), `requires_grad_(False)`.
+      - `copy`: a deep copy of the initial weights, `eval()` (dropout off), `requires_grad_(False)`
+        (with LoRA, a plain model: the copy's adapters, still zero, folded into its weights).
         It is deliberately not a submodule of the LightningModule, so it is never in the
         optimizer, in `state_dict()` or in checkpoints (which therefore load into a module with
         or without it); `to()` places it beside the trainable model at fit start, and under FSDP2
@@ -59,7 +61,10 @@ class FrozenReference:
 
     def __init__(self, model: nn.Module, mode: str) -> None:
         if mode == "copy":
-            self.model = copy.deepcopy(model).eval().requires_grad_(False)
+            frozen = copy.deepcopy(model)
+            if isinstance(frozen, PeftModel):  # a plain model: the adapters folded into its weights
+                frozen = frozen.merge_and_unload()
+            self.model = frozen.eval().requires_grad_(False)
         elif mode == "adapters_disabled":
             if not isinstance(model, PeftModel):
                 raise ReferenceError(
@@ -80,13 +85,10 @@ class FrozenReference:
             with torch.no_grad():
                 yield
             return
-        was_training = self.model.training
-        self.model.eval()  # dropout off, also in the LoRA layers
-        try:
-            with torch.no_grad(), self.model.disable_adapter():
-                yield
-        finally:
-            self.model.train(was_training)
+        # The trainable model itself: dropout off (also in the LoRA layers) and adapters off for
+        # the block, its train mode restored after.
+        with eval_mode(self.model), torch.no_grad(), self.model.disable_adapter():
+            yield
 
     @contextlib.contextmanager
     def as_causal_lm(self) -> Iterator[nn.Module]:
@@ -134,16 +136,18 @@ class FrozenReference:
             )
 
 
-def resolve_reference_mode(mode: str, needed: bool, lora: bool) -> str:
-    """The reference mode to build: `auto` picks `adapters_disabled` with LoRA, else `copy`."""
+def resolve_reference_mode(mode: str, needed_by: Sequence[str], lora: bool) -> str:
+    """The reference mode to build: `auto` builds one only when something needs it (`needed_by`
+    names who), `adapters_disabled` with LoRA, else `copy`."""
     if mode not in REFERENCE_MODES:
         raise ReferenceError(f"model.reference must be one of {REFERENCE_MODES}, got {mode!r}")
     if mode == "auto":
-        return ("adapters_disabled" if lora else "copy") if needed else "none"
-    if mode == "none" and needed:
+        return ("adapters_disabled" if lora else "copy") if needed_by else "none"
+    if mode == "none" and needed_by:
         raise ReferenceError(
-            "a regularizer needs the frozen reference model (e.g. KLToReference), but "
-            "model.reference='none'; set it to 'copy' (or 'adapters_disabled' with LoRA) or 'auto'"
+            f"{' and '.join(needed_by)} need{'s' if len(needed_by) == 1 else ''} the frozen reference model "
+            "(the initial weights, frozen), but model.reference='none'; set it to 'copy' (or "
+            "'adapters_disabled' with LoRA) or 'auto'"
         )
     if mode == "adapters_disabled" and not lora:
         raise ReferenceError(
@@ -151,3 +155,21 @@ def resolve_reference_mode(mode: str, needed: bool, lora: bool) -> str:
             "or use reference='copy'"
         )
     return mode
+
+
+def build_reference(model: nn.Module, mode: str, needed_by: Sequence[str], lora: bool) -> FrozenReference | None:
+    """The frozen reference of `model` as `mode` (`model.reference`) and its users ask, or None.
+
+    Built once per module, when its first fit or evaluation sets up: then its users are all
+    known (the regularizers, and the stream producers that sample from it), and the trainable
+    model still holds the weights the fit starts from (a checkpoint is restored later).
+
+    Args:
+        model: The trainable model (with LoRA: the peft model, whose adapters `adapters_disabled`
+            switches off).
+        mode: `auto`, `none`, `copy` or `adapters_disabled`.
+        needed_by: Who reads the reference (for `auto`, and for the error under `none`).
+        lora: Whether the model trains LoRA adapters.
+    """
+    mode = resolve_reference_mode(mode, needed_by, lora)
+    return None if mode == "none" else FrozenReference(model, mode)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel, fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from .lora import LoRA, apply_lora, unwrap
@@ -56,6 +57,18 @@ def shard_fsdp2(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool 
     fully_shard(model, **kwargs)
 
 
+def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The data-parallel axis of the device mesh FSDP2 (`ModelParallelStrategy`) hands the module;
+    a mesh that would also split tensors is refused."""
+    if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            "cfs_lightning shards with FSDP2 only (no tensor parallelism): set the strategy's "
+            "tensor_parallel_size=1 and data_parallel_size to the number of devices "
+            "(configs/strategies/fsdp2.yaml)"
+        )
+    return mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+
+
 def reshard(model: nn.Module) -> None:
     """Drop every gathered FSDP2 parameter copy of `model`, so the next forward gathers afresh.
 
@@ -71,6 +84,27 @@ def reshard(model: nn.Module) -> None:
 def is_sharded(model: nn.Module) -> bool:
     """True when `model` is sharded by FSDP2 (`fully_shard`) or wrapped by FSDP1."""
     return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2) parameter; a plain tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def gather_like(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The whole CPU tensor whose shard `local` is, sharded as `param` is (all ranks call it)."""
+    if isinstance(param, DTensor):
+        local = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                                   shape=param.shape, stride=param.stride()).full_tensor()
+    return local.detach().cpu()
+
+
+def shard_like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of `whole`, cut as `param` is (no communication)."""
+    if not isinstance(param, DTensor):
+        return whole
+    return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements,
+                             src_data_rank=None).to_local()
 
 
 class DecoderBlockFSDPStrategy(FSDPStrategy):

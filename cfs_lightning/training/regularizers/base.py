@@ -9,7 +9,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..losses import Normalization
 
@@ -17,27 +16,6 @@ from ..losses import Normalization
 def _snake_case(name: str) -> str:
     """`NLLReplay` -> `nll_replay`, `KLToReference` -> `kl_to_reference`."""
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
-
-
-def local_shard(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (FSDP2) parameter; a plain tensor as it is."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def gather_like(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """The whole CPU tensor whose shard `local` is, sharded as `param` is (all ranks call it)."""
-    if isinstance(param, DTensor):
-        local = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
-                                   shape=param.shape, stride=param.stride()).full_tensor()
-    return local.detach().cpu()
-
-
-def shard_like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of `whole`, cut as `param` is (no communication)."""
-    if not isinstance(param, DTensor):
-        return whole
-    return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements,
-                             src_data_rank=None).to_local()
 
 
 class Regularizer:
@@ -48,27 +26,32 @@ class Regularizer:
         checkpoint is restored; snapshot what the term needs here (theta_0, a handle on the frozen
         reference model, ...).
       - `__call__(batch, outputs)` returns the scalar term for one step. `batch` maps stream
-        names ("task", "replay") to padded batches; `outputs` maps each stream listed in
-        `streams` to the trainable model's `losses.Logits` on it (its final hidden states and
-        output head), computed once per step and shared by all regularizers. Form a term with
-        `losses.chunked_target_mean(per_token, labels, outputs[stream], ...)`: `per_token` sees
-        (N, V) logits of a chunk of target tokens, so the (B, T, V) logits never exist;
-        `outputs[stream].full()` forms them whole, for small vocabularies only.
+        names (`cfs_lightning.streams`: `TASK`, `REPLAY`, ...) to padded batches; `outputs` maps
+        each stream listed in `streams` to the trainable model's `heads.Logits` on it (its final
+        hidden states and output head), computed once per step and shared by all regularizers.
+        Form a term with `losses.chunked_target_mean(per_token, labels, outputs[stream], ...)`:
+        `per_token` sees (N, V) logits of a chunk of target tokens, so the (B, T, V) logits never
+        exist; `outputs[stream].full()` forms them whole, for small vocabularies only.
       - `on_after_optimizer_step(module)` runs after every optimizer step (weight averaging).
       - `eval_weights(module)` is a context manager that validation and the retained-task
         evaluation run inside (weight averaging swaps its average in there).
       - `on_train_end(module)` runs once when training ends, before the model is exported.
       - `state_dict()` / `load_state_dict(state)`: state saved in and restored from checkpoints.
 
-    Subclasses set `streams` to the batch streams whose logits they read (and `reads` when they
-    also read a stream without its logits, as `SelfDistillation` reads the teacher's view; a
-    stream that the data or a callback adds and no term reads is refused at fit start),
+    Subclasses declare what they read, which the module checks against what the stream
+    producers declare (`cfs_lightning.streams.StreamProducer`) when the fit starts: `streams`,
+    the batch streams whose logits they read; `reads`, when they also read a stream without its
+    logits (as `SelfDistillation` reads the teacher's view; a stream that a producer adds and no
+    term reads is refused); `needs_columns`, the columns beyond `input_ids`, `attention_mask` and
+    `labels` they read per stream (a producer whose rows lack them is refused). They also set
     `needs_reference` when they read the module's frozen reference model, `adds_term = False`
     when they add nothing to the loss (weight averaging), and `per_parameter_state` when they
     keep a tensor per parameter.
     """
 
     streams: tuple[str, ...] = ()
+    needs_columns: dict[str, tuple[str, ...]] = {}
+    """Stream -> the extra columns the term reads on it (e.g. `{REPLAY: CACHED_TOPK}`)."""
     needs_reference: bool = False
     adds_term: bool = True
     per_parameter_state: bool = False
@@ -122,3 +105,23 @@ class Regularizer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(weight={self.weight}, name={self.name!r})"
+
+
+def checkpoint_states(regularizers: list[Regularizer]) -> dict[str, dict[str, Any]]:
+    """Each stateful regularizer's `state_dict()`, by name, for a checkpoint."""
+    states = {r.name: r.state_dict() for r in regularizers}
+    return {name: state for name, state in states.items() if state}
+
+
+def restore_states(regularizers: list[Regularizer], saved: dict[str, dict[str, Any]]) -> None:
+    """Load each regularizer's state from a checkpoint's `checkpoint_states`; refuse a checkpoint
+    without the state of a regularizer that keeps one."""
+    for reg in regularizers:
+        if reg.name in saved:
+            reg.load_state_dict(saved[reg.name])
+        elif type(reg).state_dict is not Regularizer.state_dict:
+            raise KeyError(
+                f"regularizer {reg.name!r} keeps state, but the checkpoint has none for it "
+                f"(it holds {sorted(saved) or 'none'}); resume with the regularizers it was "
+                "saved with, or start a new fit from its exported weights"
+            )

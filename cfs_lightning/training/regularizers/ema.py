@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 import torch
 
-from ..sharding import reshard
-from .base import Regularizer, gather_like, local_shard, shard_like
+from ..sharding import gather_like, local_shard, reshard, shard_like
+from .base import Regularizer
 
 
 class EMA(Regularizer):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ...streams import CACHED_TOPK, REPLAY
 from ..losses import chunked_target_mean
 from .base import Regularizer
 
@@ -51,11 +52,12 @@ class KLFromCachedTopK(Regularizer):
     bound of the exact KL that `KLToReference` computes; it is exact where the base model's top-k
     holds all its mass. `benchmarks/topk_kl_error.py` measures the gap on the toy world.
 
-    Memory: formed `chunk_size` target tokens at a time (`losses.head_sum`: about 2 x chunk x V
+    Memory: formed `chunk_size` target tokens at a time (`heads.head_sum`: about 2 x chunk x V
     float32 values at the peak).
     """
 
-    streams = ("replay",)
+    streams = (REPLAY,)
+    needs_columns = {REPLAY: CACHED_TOPK}  # rows sampled during the fit carry none: refused
 
     def __init__(self, weight: float = 1.0, k: int | None = None, chunk_size: int | None = None,
                  name: str | None = None) -> None:
@@ -64,7 +66,7 @@ class KLFromCachedTopK(Regularizer):
             weight: Multiplier of this term in the loss.
             k: Use only the first k cached tokens (they are sorted by probability); None: all.
             chunk_size: Target tokens per chunk; None: sized by the vocabulary
-                (`losses.LOGITS_PER_CHUNK` logits at once).
+                (`heads.LOGITS_PER_CHUNK` logits at once).
             name: Log key suffix; default `kl_from_cached_top_k`.
         """
         super().__init__(weight, name)
@@ -75,16 +77,16 @@ class KLFromCachedTopK(Regularizer):
         self.k, self.chunk_size = k, chunk_size
 
     def __call__(self, batch: dict, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        replay = batch["replay"]
-        if "topk_ids" not in replay:
+        replay = batch[REPLAY]
+        if not set(CACHED_TOPK) <= replay.keys():
             raise KeyError(
                 f"{self.name} needs the base model's top-k log-probabilities in the replay shards, "
                 "but they hold none: regenerate them with `cfs generate ... --store_topk 20`"
             )
-        ids, logprobs = replay["topk_ids"], replay["topk_logprobs"]
+        ids, logprobs = (replay[k] for k in CACHED_TOPK)
         if self.k is not None:
             if self.k > ids.size(-1):
                 raise ValueError(f"{self.name}: k={self.k} but the shards cache only {ids.size(-1)} tokens")
             ids, logprobs = ids[..., : self.k], logprobs[..., : self.k]
-        return chunked_target_mean(topk_forward_kl, replay["labels"], outputs["replay"], ids, logprobs,
+        return chunked_target_mean(topk_forward_kl, replay["labels"], outputs[REPLAY], ids, logprobs,
                                    chunk_size=self.chunk_size, per=self.normalize)

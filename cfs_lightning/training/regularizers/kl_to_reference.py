@@ -2,89 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 
-from ..losses import Logits, chunked_target_mean
+from ...streams import ONPOLICY, REPLAY, TASK
+from ..heads import Logits
+from ..losses import chunked_target_mean, token_divergence
 from .base import Regularizer
-
-
-def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) over the last dim from (finite) log-probabilities."""
-    return (logp.exp() * (logp - logq)).sum(-1)
-
-
-class _ForwardKL(torch.autograd.Function):
-    """KL(softmax(ref_logits) || softmax(logits)) per position, with a hand-written backward.
-
-    Autograd through `_kl` holds five (..., V) tensors at once (both log-softmaxes, p, the
-    difference and the product) and replays each op backwards. Here the forward holds two (log p,
-    reused in place, and p) and keeps p and the log-normaliser of `logits`; the backward is
-    d KL / d logits = softmax(logits) - p, formed in one buffer. No gradient reaches ref_logits.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
-        lse = logits.logsumexp(-1, keepdim=True)
-        logp = ref_logits.log_softmax(-1)
-        p = logp.exp()
-        ctx.save_for_backward(logits, lse, p)
-        return logp.sub_(logits).add_(lse).mul_(p).sum(-1)  # sum p (log p - log q)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        logits, lse, p = ctx.saved_tensors
-        return (logits - lse).exp_().sub_(p).mul_(grad.unsqueeze(-1)), None
-
-
-def token_divergence(
-    logits: torch.Tensor,
-    ref_logits: torch.Tensor,
-    direction: Literal["forward", "reverse"] = "forward",
-    beta: float | None = None,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Divergence between the next-token distributions at every position, in nats.
-
-    With p_ref = softmax(ref_logits / temperature) and p_theta = softmax(logits / temperature)
-    (computed in at least float32):
-      - `beta=None, direction="forward"`: KL(p_ref || p_theta), mode-covering; the quantity whose
-        Monte Carlo estimate on base-model samples is the replay NLL;
-      - `beta=None, direction="reverse"`: KL(p_theta || p_ref), mode-seeking;
-      - `beta` in [0, 1]: the generalised Jensen-Shannon divergence in TRL's GKD convention,
-        with the reference as the teacher: M = beta * p_ref + (1 - beta) * p_theta and
-        JSD_beta = beta * KL(p_ref || M) + (1 - beta) * KL(p_theta || M). As in TRL the endpoints
-        are defined as the KLs themselves: beta=0 is forward KL(p_ref || p_theta), beta=1 is
-        reverse KL(p_theta || p_ref); beta=0.5 is the symmetric Jensen-Shannon divergence.
-        The divergence is therefore discontinuous at both ends: for beta in (0, 1) it is at most
-        the binary entropy -beta log(beta) - (1 - beta) log(1 - beta) nats, which tends to 0 as
-        beta approaches 0 or 1, while at 0 and 1 it jumps to a KL, which can be many nats.
-
-    Args:
-        logits: (..., V) trainable-model logits.
-        ref_logits: (..., V) reference logits.
-
-    Returns:
-        (...) divergence per position.
-    """
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    logits, ref_logits = logits.to(dtype), ref_logits.to(dtype)
-    if temperature != 1.0:
-        logits, ref_logits = logits / temperature, ref_logits / temperature
-    if (beta == 0 or (beta is None and direction == "forward")) and not ref_logits.requires_grad:
-        return _ForwardKL.apply(logits, ref_logits)
-    logq = logits.log_softmax(-1)  # trainable
-    logp = ref_logits.log_softmax(-1)  # reference
-    if beta is None:
-        return _kl(logp, logq) if direction == "forward" else _kl(logq, logp)
-    if beta == 0:
-        return _kl(logp, logq)
-    if beta == 1:
-        return _kl(logq, logp)
-    logm = torch.logaddexp(logp + math.log(beta), logq + math.log(1 - beta))
-    return beta * _kl(logp, logm) + (1 - beta) * _kl(logq, logm)
 
 
 class KLToReference(Regularizer):
@@ -97,7 +22,7 @@ class KLToReference(Regularizer):
     automatically: a frozen copy, or the LoRA model with adapters off).
 
     Memory: the reference contributes its (B, T, H) final hidden states; the divergence is formed
-    `chunk_size` target tokens at a time (`losses.head_sum`), both models' heads applied to one
+    `chunk_size` target tokens at a time (`heads.head_sum`), both models' heads applied to one
     chunk, so the peak extra memory is a few chunk x V float32 values (the reference's logits,
     log p_ref and p_ref, `_ForwardKL`; more for the reverse KL and the JSD); neither model's
     (B, T, V) logits exist.
@@ -108,7 +33,7 @@ class KLToReference(Regularizer):
     def __init__(
         self,
         weight: float = 1.0,
-        on: Literal["replay", "task", "onpolicy"] = "replay",
+        on: Literal["replay", "task", "onpolicy"] = REPLAY,
         direction: Literal["forward", "reverse"] = "forward",
         beta: float | None = None,
         temperature: float = 1.0,
@@ -130,11 +55,11 @@ class KLToReference(Regularizer):
                 themselves (`token_divergence`).
             temperature: Both distributions are softened by this temperature.
             chunk_size: Target tokens per chunk of the divergence; None: sized by the vocabulary
-                (`losses.LOGITS_PER_CHUNK` logits at once).
+                (`heads.LOGITS_PER_CHUNK` logits at once).
             name: Log key suffix; default `kl_to_reference`.
         """
         super().__init__(weight, name)
-        if on not in ("replay", "task", "onpolicy"):
+        if on not in (REPLAY, TASK, ONPOLICY):
             raise ValueError(f"KLToReference.on must be 'replay', 'task' or 'onpolicy', got {on!r}")
         if direction not in ("forward", "reverse"):
             raise ValueError(f"KLToReference.direction must be 'forward' or 'reverse', got {direction!r}")

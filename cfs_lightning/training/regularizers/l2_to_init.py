@@ -7,7 +7,8 @@ import functools
 import torch
 from torch.distributed.tensor import DTensor
 
-from .base import Regularizer, local_shard
+from ..sharding import local_shard
+from .base import Regularizer
 
 
 class _SquaredDistance(torch.autograd.Function):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ...streams import REPLAY
 from ..losses import mean_token_loss
 from .base import Regularizer
 
@@ -17,7 +18,7 @@ class NLLReplay(Regularizer):
     model to its old distribution.
     """
 
-    streams = ("replay",)
+    streams = (REPLAY,)
 
     def __call__(self, batch: dict, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return mean_token_loss(outputs["replay"], batch["replay"]["labels"], self.normalize)
+        return mean_token_loss(outputs[REPLAY], batch[REPLAY]["labels"], self.normalize)

@@ -7,10 +7,11 @@ from typing import Literal
 
 import torch
 
+from ...streams import ONPOLICY, ONPOLICY_TEACHER, missing_streams
 from ...tokens import eval_mode
-from ..losses import Logits, head_sum, normalizer, target_positions
+from ..heads import Logits, head_sum
+from ..losses import normalizer, target_positions, token_divergence
 from .base import Regularizer
-from .kl_to_reference import token_divergence
 
 TEACHERS = ("base", "live")
 
@@ -33,7 +34,7 @@ class SelfDistillation(Regularizer):
     distribution and the teacher's (`token_divergence`, with the teacher in the reference's
     place: `direction: reverse` is KL(p_student || p_teacher), the paper's objective, and
     `beta` the generalised JSD of TRL's `distillation_alpha`). The teacher's side carries no
-    gradient. With `model.task_loss: none` this is SDFT, which learns the task only through the
+    gradient. With `model.task_loss: null` this is SDFT, which learns the task only through the
     teacher (configs/toy/methods/sdft.yaml); with the NLL task loss it is an added term.
 
     Teachers: `base`, the frozen initial weights (TRL's default; needs the module's reference),
@@ -42,8 +43,8 @@ class SelfDistillation(Regularizer):
     ones and the reference.
     """
 
-    streams = ("onpolicy",)
-    reads = ("onpolicy", "onpolicy_teacher")
+    streams = (ONPOLICY,)
+    reads = (ONPOLICY, ONPOLICY_TEACHER)
 
     def __init__(
         self,
@@ -104,11 +105,10 @@ class SelfDistillation(Regularizer):
             return self._module.logits(input_ids, attention_mask)
 
     def __call__(self, batch: dict, outputs: dict[str, Logits]) -> torch.Tensor:
-        if "onpolicy_teacher" not in batch:
-            raise KeyError("SelfDistillation reads the teacher's view of the on-policy rows (stream "
-                           "`onpolicy_teacher`); add OnlineReplay(sampler: trainable, prompts: task, "
-                           "stream: onpolicy, demonstrations: true) to the trainer's callbacks")
-        student, teacher = batch["onpolicy"], batch["onpolicy_teacher"]
+        missing = missing_streams({self.name: self.reads}, batch)
+        if missing:  # the module checks every term's streams first; called alone, say it here
+            raise KeyError(missing)
+        student, teacher = batch[ONPOLICY], batch[ONPOLICY_TEACHER]
         s_pos = response_positions(student["labels"], self.skip_tokens)
         t_pos = response_positions(teacher["labels"], self.skip_tokens)
         if not torch.equal(s_pos.sum(1), t_pos.sum(1)):
@@ -130,5 +130,5 @@ class SelfDistillation(Regularizer):
             return token_divergence(chunk, ref, self.direction if self.beta is None else "forward",
                                     self.beta, self.temperature)
 
-        total = head_sum(per_token, outputs["onpolicy"], s_pos, aligned, chunk_size=self.chunk_size)
+        total = head_sum(per_token, outputs[ONPOLICY], s_pos, aligned, chunk_size=self.chunk_size)
         return total / normalizer(s_pos, self.normalize)
