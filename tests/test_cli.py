@@ -1,5 +1,7 @@
 import itertools
 import json
+import subprocess
+import sys
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -110,6 +112,25 @@ def test_pretrain_config_fast_dev_run(tmp_path, monkeypatch, tiny_model_dir):
              f"--export.dirpath={tmp_path / 'base'}"])
     assert (tmp_path / "base" / "model.safetensors").is_file()
     assert (tmp_path / "base" / "tokenizer.json").is_file()
+
+
+def test_fits_in_one_process_say_lightnings_notices_once(tmp_path, tiny_model_dir):
+    """A study fits many times in one process: Lightning's notices (accelerators, its tip) show at
+    the first Trainer only, and its warning against `args` beside a command line not at all."""
+    script = f"""
+import sys
+from cfs_lightning.experiments.runner import run_cli
+sys.argv = ["cfs", "study", "--config", "x.yaml"]  # as inside `cfs study`
+for run in ("a", "b"):
+    run_cli(["fit", "--config", "configs/toy/base/pretrain.yaml", "--trainer.fast_dev_run=1",
+             "--model.init_args.pretrained={tiny_model_dir}", "--trainer.logger.init_args.save_dir={tmp_path}/" + run,
+             "--export.dirpath={tmp_path}/" + run + "/m"])
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("GPU available:") == 1 and done.stderr.count("Tip:") == 1
+    assert "LightningCLI's args parameter" not in done.stderr
+    assert (tmp_path / "b" / "m" / "config.json").is_file()  # the second fit ran
 
 
 class Expected(NamedTuple):

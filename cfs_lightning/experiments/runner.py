@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -65,11 +67,39 @@ def _plain(value):
     return value.as_dict() if hasattr(value, "as_dict") else value
 
 
+class _Once(logging.Filter):
+    """Lets each distinct message of a logger through once per process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.getMessage())
+        if key in self.said:
+            return False
+        self.said.add(key)
+        return True
+
+
+def say_library_notices_once() -> None:
+    """A study or continual run fits many times in one process, and Lightning says the same things
+    at every Trainer (the accelerators found, a tip, its pytree deprecation): let each through once.
+    LightningCLI's warning against `args` beside a command line is left out: the experiments pass
+    `args` on purpose, and the command line is the experiment's own."""
+    for handler in logging.getLogger("lightning.pytorch").handlers:
+        if not any(isinstance(f, _Once) for f in handler.filters):
+            handler.addFilter(_Once())
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+    warnings.filterwarnings("once", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
 def run_cli(args: list[str] | None = None, run: bool = True) -> CFSCLI:
     """Run `cfs fit|validate|test ...` in this process and return the CLI (trainer, model, data).
 
     `args` None reads the command line.
     """
+    say_library_notices_once()
     return CFSCLI(
         CausalLMFineTuner,
         ReplayDataModule,
