@@ -17,7 +17,7 @@ from cfs_lightning.data import ReplayConfig, ReplayDataModule
 from cfs_lightning.experiments.continual import FreshReplay
 from cfs_lightning.experiments.runs import DONE
 from cfs_lightning.tasks import TaskSource
-from cfs_lightning.sampling import Budget, SamplingConfig, sample_context_free
+from cfs_lightning.sampling import SamplingConfig, sample_context_free
 from cfs_lightning.shards import read_manifest
 from cfs_lightning.training import CausalLMFineTuner
 from cfs_lightning.tokens import IGNORE_INDEX

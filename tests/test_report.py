@@ -8,7 +8,7 @@ import pytest
 from cfs_lightning.experiments.report import report
 from cfs_lightning.experiments.runs import find_runs, load_run, method_and_seed
 from cfs_lightning.experiments.wise_ft import AlphaSelection, choose_alpha, run_scores
-from cfs_lightning.scores import SCORES_FILE, write_scores
+from cfs_lightning.scores import write_scores
 
 RET, DOWN = "held/bits_per_byte", "task/acc"  # retained lower-is-better, downstream higher-is-better
 VAL_RET, VAL_DOWN = "held_val/bits_per_byte", "task_val/acc"  # WiSE-FT's alpha is chosen on these
