@@ -93,6 +93,12 @@ def call(fn: Callable[..., Any], args: list[str]) -> Any:
     return CLI(fn, args=args, as_positional=False)
 
 
+def overrides(fields: dict[str, Any]) -> list[str]:
+    """Config fields to replace as command-line overrides: `{"a.b": 1}` -> `["--a.b=1"]` (dotted
+    keys reach nested fields)."""
+    return [f"--{k}={v}" for k, v in fields.items()]
+
+
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: cfs COMMAND --config FILE.yaml [--key=value ...]", "", "commands:"]

@@ -38,6 +38,13 @@ SCORES_FILE = "retained_eval.json"
 """A run's evaluations, in its log folder."""
 
 
+def scored(values: dict[str, float], baseline: dict[str, float], better: dict[str, bool]) -> dict[str, float]:
+    """One evaluation's keys: `eval/<k>` for each value, then `forget/<k>`, its change since
+    `baseline` signed so that positive means worse (`better[k]`: higher is better)."""
+    keys = {f"{EVAL}{k}": v for k, v in values.items()}
+    return keys | {f"{FORGET}{k}": (baseline[k] - v if better[k] else v - baseline[k]) for k, v in values.items()}
+
+
 def eval_scores(row: dict[str, Any], prefix: str = EVAL) -> dict[str, float]:
     """`<task>/<metric> -> value` of one evaluation, read from its `eval/` (or `forget/`) keys."""
     return {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)}

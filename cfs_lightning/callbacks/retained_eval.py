@@ -8,7 +8,7 @@ import lightning as L
 import torch
 
 from ..evaluation import evaluate_lm, task_manager_for, task_specs
-from ..scores import EVAL, FORGET, write_scores
+from ..scores import scored, write_scores
 from ..training.sharding import full_params_for_eval, is_sharded
 
 if TYPE_CHECKING:
@@ -88,10 +88,7 @@ class RetainedEval(L.Callback):
         self.higher_is_better = better
         if self.baseline is None:
             self.baseline = values
-        metrics = {f"{EVAL}{k}": v for k, v in values.items()}
-        for k, v in values.items():
-            delta = v - self.baseline[k]
-            metrics[f"{FORGET}{k}"] = -delta if better[k] else delta
+        metrics = scored(values, self.baseline, better)
         self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..callbacks import RetainedEval
+from ..commands import overrides
 from ..evaluation import load_task_yaml
 from ..loading import load_tokenizer
 from ..scores import EVAL
@@ -129,7 +130,7 @@ def _stage_replay(folder: Path, start: str | None, task: TaskSource, earlier: li
     if fresh is not None:
         own = folder / "replay_fresh"
         if not (own / "manifest.json").is_file():
-            run_step(fresh.command, [fresh.config], start, own, [f"--{k}={v}" for k, v in fresh.args.items()], task)
+            run_step(fresh.command, [fresh.config], start, own, overrides(fresh.args), task)
         parts.append(str(own))
     if len(parts) == 1:
         return parts[0]

@@ -1,7 +1,7 @@
 """Running `cfs fit|validate|test` (LightningCLI) and the other commands inside this process.
 
-`CFSCLI` links the model's tokenizer to the data and adds the Hugging Face export; `run_fit` and
-`run_command` are how the experiments (study, continual, the toy base) run their steps.
+`CFSCLI` links the model's tokenizer to the data and adds the Hugging Face export; `run_fit` is
+how the experiments (study, continual) fit, `run_command` how the toy base runs `cfs init`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 from ..callbacks import HFExport, RetainedEval
-from ..commands import call, parser_settings
+from ..commands import call, overrides as command_overrides, parser_settings
 from ..data import ReplayDataModule
 from ..training import CausalLMFineTuner
 
@@ -112,10 +112,10 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> CFSCLI:
     )
 
 
-def run_command(fn, config: str, overrides: dict) -> object:
+def run_command(fn, config: str, fields: dict) -> object:
     """Run a command function (`cfs generate`, `cfs init`, ...) with its YAML config and some
     fields replaced (`{"output.dir": ...}`; dotted keys reach nested fields)."""
-    return call(fn, ["--config", config] + [f"--{k}={v}" for k, v in overrides.items()])
+    return call(fn, ["--config", config, *command_overrides(fields)])
 
 
 def run_fit(configs: list[str], overrides: list[str], evaluation: RetainedEval | None = None) -> CFSCLI:

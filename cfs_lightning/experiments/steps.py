@@ -28,9 +28,6 @@ class DataStep:
     minutes: float | None = None
     """How long the step is expected to take, for the progress line's estimate of the rest."""
 
-    def overrides(self) -> list[str]:
-        return [f"--{k}={v}" for k, v in self.args.items()]
-
 
 def check_step_command(command: str, where: str, data: bool = False) -> None:
     """Refuse a command that cannot run as a step (or, with `data`, one that writes no shards)."""

@@ -23,6 +23,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..checkpoints import RECORD, fetch as fetch_checkpoint
+from ..commands import overrides
 from .progress import Progress
 from .report import report
 from .runner import run_fit
@@ -229,7 +230,7 @@ def study(
     steps = _base_steps(base, toy_base, fetch) + [
         _Step(f"data {s.name}", s.minutes, "data", lambda s=s: run_step(
             s.command, [s.config], base, out / "data" / s.name, [_resolve(a, values, f"data step {s.name}")
-                                                                 for a in s.overrides()])) for s in data]
+                                                                 for a in overrides(s.args)])) for s in data]
     steps += _run_steps(methods, seeds, values, base, fit_config, fit_args, out / "methods")
     if plan:
         return _plan(steps)

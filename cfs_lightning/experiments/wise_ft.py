@@ -17,7 +17,7 @@ import torch
 
 from ..evaluation import evaluate_lm, task_manager_for, task_specs
 from ..loading import load_causal_lm, load_tokenizer
-from ..scores import EVAL, FORGET, write_scores
+from ..scores import scored, write_scores
 from . import plots
 from .runs import SWEEP
 from .summary import forgetting_recovered, gain_kept
@@ -83,9 +83,8 @@ def run_scores(rows: list[dict], chosen: dict, select_on: AlphaSelection, better
     base = next(r for r in rows if r["alpha"] == 0.0)
     out = []
     for row in (base, chosen):
-        entry = {"alpha": row["alpha"], **{f"{EVAL}{k}": v for k, v in row.items() if k != "alpha"}}
-        entry |= {f"{FORGET}{k}": (base[k] - v if better[k] else v - base[k]) for k, v in row.items() if k != "alpha"}
-        out.append(entry)
+        values = {k: v for k, v in row.items() if k != "alpha"}
+        out.append({"alpha": row["alpha"], **scored(values, base, better)})
     out[-1]["chosen_on"] = [select_on.retained, select_on.downstream]
     return out
 
