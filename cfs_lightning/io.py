@@ -49,10 +49,10 @@ def fsync(path: Path) -> None:
 
 def _settle(folder: Path) -> None:
     """Give what was written into `folder` a plain open's / mkdir's mode where a writer made it
-    private (safetensors writes its files 0600, whatever the umask), and flush it all to disk,
-    deepest first, so that the rename that publishes `folder` never publishes unwritten data."""
+    private (safetensors writes its files 0600, whatever the umask), and flush it all to disk, so
+    that the rename that publishes `folder` never publishes unwritten data."""
     mask = _umask()
-    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+    for path in folder.rglob("*"):
         if path.is_symlink():
             continue
         mode = os.stat(path).st_mode
@@ -80,13 +80,14 @@ def replace_dir(src: str | Path, out: str | Path) -> None:
     """Publish the finished folder `src` as `out`, which is at every instant either the old
     version or the new one, whole.
 
-    `src` (a sibling of `out`) is given the umask's modes and flushed to disk; an old `out` is
-    renamed aside to `<out>.old`, `src` renamed to `out`, and only then is the old one deleted. A
-    kill between the two renames leaves `<out>.old`, which `restore_dir` (called by every writer
+    `src` (a sibling of `out`) holds files already on disk with their modes set (written through
+    `atomic_file`, or settled by `atomic_dir`); its entries are flushed, an old `out` is renamed
+    aside to `<out>.old`, `src` renamed to `out`, and only then is the old one deleted. A kill
+    between the two renames leaves `<out>.old`, which `restore_dir` (called by every writer
     before it looks at `out`) puts back.
     """
     src, out = Path(src), Path(out)
-    _settle(src)
+    fsync(src)
     old = _aside(out)
     if old.exists():  # from an earlier kill; `src` is about to replace that version anyway
         shutil.rmtree(old)
@@ -113,6 +114,7 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        _settle(tmp)  # what other libraries wrote there (an export) is flushed and made readable
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
