@@ -31,8 +31,6 @@ ONPOLICY = "onpolicy"
 ONPOLICY_TEACHER = "onpolicy_teacher"
 """The teacher's view of each `onpolicy` row (its task example in context), row by row."""
 
-STREAMS = (TASK, REPLAY, ONPOLICY, ONPOLICY_TEACHER)
-
 CACHED_TOPK = ("topk_ids", "topk_logprobs")
 """The columns of replay rows that carry the base model's top-k next tokens and their
 log-probabilities (`cfs generate --store_topk K`); sampled rows carry none."""

@@ -21,7 +21,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
-from cfs_lightning.training import reference as reference_module
+from cfs_lightning.training import heads as heads_module
 from cfs_lightning.cli import main
 from cfs_lightning.experiments.runner import run_cli
 from cfs_lightning.tokens import IGNORE_INDEX
@@ -272,7 +272,7 @@ def test_gemma2_soft_capped_logits_reach_the_kl_reference(family_dir, monkeypatc
         ref_logits = ref.logits(ref.hidden_states(ids, mask))
     assert logits.abs().max() > 25 and logits.abs().max() <= 30.0  # capped at final_logit_softcapping
     assert torch.allclose(ref_logits, logits, atol=1e-4)
-    monkeypatch.setattr(reference_module, "postprocess_logits", lambda config, logits: logits)
+    monkeypatch.setattr(heads_module, "postprocess_logits", lambda config, logits: logits)
     with pytest.raises(ReferenceError, match="final_logit_softcapping"):
         FrozenReference(model, "copy")
 

@@ -149,8 +149,21 @@ def head_sum(
         chunk_size: Positions per chunk; None: `LOGITS_PER_CHUNK` logits' worth.
     """
     logits = as_logits(logits)
-    hidden = logits.hidden[positions]  # (N, H)
-    rows = [x[positions] for x in inputs]
+    return rows_sum(per_token, logits, logits.hidden[positions], *(x[positions] for x in inputs),
+                    chunk_size=chunk_size)
+
+
+def rows_sum(
+    per_token: Callable[..., torch.Tensor],
+    logits: Logits,
+    hidden: torch.Tensor,
+    *rows: torch.Tensor,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Sum over rows of `per_token(logits.head(hidden row), *rows at it)`: `head_sum` on rows
+    already gathered ((N, H) `hidden` of `logits`, (N, ...) `rows`), so that a caller whose inputs
+    sit at other positions than its targets (the teacher's view in self-distillation) gathers each
+    once."""
     # Under no_grad nothing is differentiated: no input is marked as needing a gradient.
     params = [p for p in logits.params if p.requires_grad] if torch.is_grad_enabled() else []
     hidden = hidden if torch.is_grad_enabled() else hidden.detach()

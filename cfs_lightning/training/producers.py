@@ -18,10 +18,6 @@ from ..streams import TASK, Batch, StreamProducer
 from ..tokens import IGNORE_INDEX
 from .regularizers import READERS, Regularizer
 
-ROW_FILL = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX}
-"""The columns every stream's batch holds and what pads them (`input_ids`: the pad id)."""
-
-
 def check_streams(producers: Sequence[StreamProducer], regularizers: Sequence[Regularizer]) -> None:
     """Refuse what would be wasted or wrong every step: a stream a producer adds that no term
     reads (built, sampled or loaded, moved, and discarded), and rows without a column that a
@@ -61,7 +57,7 @@ def merge_batches(a: Batch, b: Batch, pad_id: int) -> Batch:
     (cached top-k) is dropped, which `check_streams` refuses for a term that reads it.
     """
     width = max(a["input_ids"].size(1), b["input_ids"].size(1))
-    fill = {**ROW_FILL, "input_ids": pad_id}
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
     return {k: torch.cat([F.pad(x[k], (0, width - x[k].size(1)), value=v) for x in (a, b)])
             for k, v in fill.items()}
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..tokens import eval_mode
-from .heads import backbone, postprocess_logits, reproduces_logits
+from .heads import OutputHead, backbone, reproduces_logits
 from .sharding import is_sharded, shard_fsdp2
 
 REFERENCE_MODES = ("auto", "none", "copy", "adapters_disabled")
@@ -37,7 +37,7 @@ class _ReferenceNet(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 hidden: torch.Tensor | None = None) -> torch.Tensor:
         if hidden is not None:  # (B, c, H) -> (B, c, V)
-            return postprocess_logits(self.lm.config, self.lm.get_output_embeddings()(hidden))
+            return OutputHead(self.lm)(hidden)
         return backbone(self.lm)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 

@@ -9,7 +9,7 @@ import torch
 
 from ...streams import ONPOLICY, ONPOLICY_TEACHER, missing_streams
 from ...tokens import eval_mode
-from ..heads import Logits, head_sum
+from ..heads import Logits, as_logits, rows_sum
 from ..losses import normalizer, target_positions, token_divergence
 from .base import Regularizer
 
@@ -119,10 +119,6 @@ class SelfDistillation(Regularizer):
         else:
             live = self._live_teacher(teacher["input_ids"], teacher["attention_mask"])
             states, head = live.hidden, live.head
-        # The teacher's rows moved to the student's positions: both row-major, the same tokens in
-        # the same order.
-        aligned = states.new_zeros(*s_pos.shape, states.size(-1))
-        aligned[s_pos] = states[t_pos]
 
         def per_token(chunk: torch.Tensor, teacher_chunk: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
@@ -130,5 +126,9 @@ class SelfDistillation(Regularizer):
             return token_divergence(chunk, ref, self.direction if self.beta is None else "forward",
                                     self.beta, self.temperature)
 
-        total = head_sum(per_token, outputs[ONPOLICY], s_pos, aligned, chunk_size=self.chunk_size)
+        # The teacher's rows at its response positions, the student's at its own: both row-major,
+        # the same tokens in the same order.
+        student_logits = as_logits(outputs[ONPOLICY])
+        total = rows_sum(per_token, student_logits, student_logits.hidden[s_pos], states[t_pos],
+                         chunk_size=self.chunk_size)
         return total / normalizer(s_pos, self.normalize)
