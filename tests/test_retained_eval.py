@@ -155,3 +155,37 @@ def test_an_evaluation_shows_one_progress_line_of_ours_and_no_lm_eval_noise(task
         assert "100%" in draws[-1] and "9/9" in draws[-1]
     noise = [r.getMessage() for r in caplog.records if r.name.startswith("lm_eval") and r.levelno >= logging.WARNING]
     assert not noise
+
+
+def test_start_scores_are_reused_for_the_same_model_and_only_for_it(tmp_path, task_files, tiny_model_dir,
+                                                                    tiny_task_files):
+    """The second fit of the same base takes the first's fit-start scores without evaluating; a
+    base with other weights evaluates and adds its own entry; the fits' later scores are their own."""
+    cache = tmp_path / "study" / "start_scores.json"
+
+    def fit(lr: float, perturb: bool = False):
+        model = CausalLMFineTuner(str(tiny_model_dir), optimizer=lambda p: torch.optim.SGD(p, lr=lr))
+        if perturb:
+            with torch.no_grad():
+                next(model.model.parameters()).add_(0.01)
+        callback = RetainedEval(tasks=task_files[:1], batch_size=2, start_scores=str(cache))
+        calls = []
+        evaluate = callback.evaluate
+        callback.evaluate = lambda m: calls.append(1) or evaluate(m)
+        dm = ReplayDataModule(TaskSource(path="json", data_files=tiny_task_files, prompt="{question}",
+                                         response=" {answer}"), tokenizer=str(tiny_model_dir), batch_size=8)
+        trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, callbacks=[callback],
+                            default_root_dir=str(tmp_path))
+        trainer.fit(model, datamodule=dm)
+        return callback.history, len(calls)
+
+    key = "eval/toy_rolling/bits_per_byte"
+    first, first_calls = fit(0.5)
+    second, second_calls = fit(0.1)
+    assert (first_calls, second_calls) == (2, 1)  # the second skipped its fit-start evaluation
+    assert second[0][key] == first[0][key]
+    assert second[1][key] != first[1][key]  # trained at another rate: its own end score
+    third, third_calls = fit(0.5, perturb=True)
+    assert third_calls == 2 and third[0][key] != first[0][key]
+    assert len(json.loads(cache.read_text())) == 2

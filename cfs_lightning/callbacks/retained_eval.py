@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from ..evaluation import evaluate_lm, task_manager_for, task_specs
+from ..io import write_text
 from ..scores import scored, write_scores
 from ..training.sharding import full_params_for_eval, is_sharded
 
@@ -27,6 +32,15 @@ class RetainedEval(L.Callback):
     Under DDP or FSDP every process takes part: each scores its share of the documents (all of
     them in every forward pass under FSDP) and the metrics, computed over all documents on rank 0,
     equal a one-process run's up to float round-off. It never runs during the sanity check.
+
+    `start_scores` lets the fits of a study share one evaluation of their base model: the file
+    keeps each fit-start evaluation under a key of everything it depends on (a digest of the
+    model's weights as evaluated, its tokenizer, the task configs, `limit`, `batch_size`,
+    `max_length`, `add_bos_token`, the trainer's precision), and a fit whose key is there takes
+    those scores instead of evaluating again (the RNG is untouched either way, so the fit itself is
+    the same). A method that changes the model before training (LoRA adds weights) gets its own
+    key. The task data itself is not in the key: point each study at its own file. One process
+    only; a distributed fit evaluates as usual.
     """
 
     def __init__(
@@ -39,6 +53,7 @@ class RetainedEval(L.Callback):
         add_bos_token: bool | None = None,
         every_n_epochs: int = 1,
         on_fit_start: bool = True,
+        start_scores: str | None = None,
     ) -> None:
         """
         Args:
@@ -52,6 +67,7 @@ class RetainedEval(L.Callback):
             add_bos_token: Passed to lm-eval's HFLM; None keeps the tokenizer's own behaviour.
             every_n_epochs: Evaluate after every n-th training epoch.
             on_fit_start: Also evaluate before training (the baseline of `forget/`).
+            start_scores: A JSON file of fit-start evaluations to reuse and add to (see above).
         """
         self.tasks, self.suites = list(tasks or []), list(suites or [])
         if not self.tasks and not self.suites:
@@ -61,6 +77,7 @@ class RetainedEval(L.Callback):
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         self.batch_size, self.limit, self.eval_at_fit_start = batch_size, limit, on_fit_start
         self.max_length, self.add_bos_token, self.every_n_epochs = max_length, add_bos_token, every_n_epochs
+        self.start_scores = Path(start_scores).expanduser() if start_scores else None
         self.baseline: dict[str, float] | None = None
         self.higher_is_better: dict[str, bool] = {}
         """Per `<task>/<metric>`, whether higher is better (as lm-eval's task declares it)."""
@@ -83,8 +100,43 @@ class RetainedEval(L.Callback):
                                self.limit, self.max_length, self.add_bos_token, self._task_manager,
                                sharded=is_sharded(pl_module.model) and pl_module.device_mesh is not None)
 
-    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        values, better = trainer.strategy.broadcast(self.evaluate(pl_module), src=0)
+    def _start_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """What a fit-start evaluation depends on (`start_scores`)."""
+        weights = hashlib.blake2b(digest_size=16)
+        with pl_module.evaluation_weights():
+            for name, tensor in sorted(pl_module.hf_model.state_dict().items()):
+                weights.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                weights.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        tok = pl_module.tokenizer
+        return {"weights": weights.hexdigest(), "model": type(pl_module.hf_model).__name__,
+                "tokenizer": [type(tok).__name__, len(tok), getattr(tok, "chat_template", None)],
+                "tasks": json.loads(json.dumps(task_specs(self.tasks, self.suites), sort_keys=True, default=str)),
+                "limit": self.limit, "batch_size": self.batch_size, "max_length": self.max_length,
+                "add_bos_token": self.add_bos_token, "precision": str(trainer.precision)}
+
+    def _start_evaluation(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        """The fit-start scores: from `start_scores` when it holds this evaluation, else evaluated
+        (and added to it)."""
+        if self.start_scores is None or trainer.world_size > 1:
+            return self.evaluate(pl_module)
+        key = self._start_key(trainer, pl_module)
+        try:
+            entries = json.loads(self.start_scores.read_text()) if self.start_scores.exists() else []
+        except json.JSONDecodeError as err:
+            raise ValueError(f"RetainedEval start_scores: {self.start_scores} is not valid JSON ({err}); "
+                             "delete it and the fit-start evaluation runs again") from err
+        for entry in entries:
+            if entry["key"] == key:
+                rank_zero_info(f"RetainedEval: fit-start scores reused from {self.start_scores} (same model and tasks)")
+                return entry["scores"], entry["higher_is_better"]
+        values, better = self.evaluate(pl_module)
+        entries.append({"key": key, "scores": values, "higher_is_better": better})
+        write_text(self.start_scores, json.dumps(entries, indent=1) + "\n")
+        return values, better
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, start: bool = False) -> dict[str, float]:
+        result = self._start_evaluation(trainer, pl_module) if start else self.evaluate(pl_module)
+        values, better = trainer.strategy.broadcast(result, src=0)
         self.higher_is_better = better
         if self.baseline is None:
             self.baseline = values
@@ -108,7 +160,7 @@ class RetainedEval(L.Callback):
             return
         self.baseline, self.history = None, []
         if self.eval_at_fit_start:
-            self._run(trainer, pl_module)
+            self._run(trainer, pl_module, start=True)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
