@@ -123,7 +123,7 @@ def test_the_progress_line_scales_the_estimates_by_the_pace_seen():
     assert mixed.rest(2) == pytest.approx(4.5)
 
 
-STUDIES = sorted(p.relative_to(REPO).as_posix() for p in REPO.glob("configs/toy*/*.yaml")
+STUDIES = sorted(p.relative_to(REPO).as_posix() for p in [*REPO.glob("configs/toy*/*.yaml"), *REPO.glob("configs/real/*/*.yaml")]
                  if "methods:" in p.read_text())
 
 

@@ -29,6 +29,10 @@ Outputs (seed 0; the same inputs give byte-identical files):
   typographic quotes made plain), 400 to 2,000 characters. Entries with code, tables, quoted
   transcripts (any line not at the body's indent), pronunciations, addresses, URLs or characters
   outside ASCII, the em dash and Latin letters are not drawn.
+- prose/replay.jsonl: 400 other entries of the same lexicon (same rules, none of heldout.jsonl's),
+  drawn with their own seed (1): the real English text that stands in for a model's pretraining
+  data when real text is replayed (`cfs corpus`). Held-out prose is the retained measure, so this
+  is the favourable case for real replay: text of the very distribution that is measured.
 - analogies/LICENSE, capitals/LICENSE: the Apache-2.0 notice for questions-words.txt and the
   licence text; prose/LICENSE: the Jargon File's public-domain statement from the package.
 """
@@ -72,6 +76,7 @@ NOT_ASKED = {
 }
 PROSE_DOCS = 150
 PROSE_CHARS = (400, 2000)
+REPLAY_DOCS = 400
 
 
 def _sha256(data: bytes) -> str:
@@ -187,11 +192,15 @@ def lexicon_entries(text: str) -> list[str]:
     return docs
 
 
-def prose(text: str, rng: random.Random) -> list[dict]:
+def prose(text: str, rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """The held-out entries (drawn with `rng`) and the replay entries (the others, seed 1)."""
     lo, hi = PROSE_CHARS
     entries = lexicon_entries(text)
     eligible = [i for i, doc in enumerate(entries) if lo <= len(doc) <= hi]
-    return [{"text": entries[i]} for i in sorted(rng.sample(eligible, PROSE_DOCS))]
+    heldout = sorted(rng.sample(eligible, PROSE_DOCS))
+    rest = [i for i in eligible if i not in set(heldout)]
+    replay = sorted(random.Random(1).sample(rest, REPLAY_DOCS))
+    return [{"text": entries[i]} for i in heldout], [{"text": entries[i]} for i in replay]
 
 
 def public_domain_statement(copyright_text: str) -> str:
@@ -216,7 +225,9 @@ def main() -> None:
     sections = read_sections(questions.decode("utf-8"))
     _write_jsonl(HERE / "analogies" / "test.jsonl", analogies(sections, rng))
     _write_jsonl(HERE / "capitals" / "test.jsonl", capitals(sections, rng))
-    _write_jsonl(HERE / "prose" / "heldout.jsonl", prose(jargon.decode("utf-8"), rng))
+    heldout, replay = prose(jargon.decode("utf-8"), rng)
+    _write_jsonl(HERE / "prose" / "heldout.jsonl", heldout)
+    _write_jsonl(HERE / "prose" / "replay.jsonl", replay)
 
     notice = (
         "analogies/test.jsonl and capitals/test.jsonl are drawn from questions-words.txt, the\n"
@@ -230,7 +241,8 @@ def main() -> None:
     for folder in ("analogies", "capitals"):
         (HERE / folder / "LICENSE").write_text(notice + "=" * 77 + "\n\n" + APACHE.read_text())
     (HERE / "prose" / "LICENSE").write_text(
-        "prose/heldout.jsonl holds entries of the Jargon File, version 4.4.7 (29 Dec 2003),\n"
+        "prose/heldout.jsonl and prose/replay.jsonl hold entries of the Jargon File, version\n"
+        "4.4.7 (29 Dec 2003),\n"
         "edited by Eric S. Raymond, as packaged by Debian (jargon-text 4.4.7-4.1,\n"
         f"{JARGON_TEXT},\nsha256 of the unpacked text {JARGON_SHA256}).\n"
         "data/real/make.py selected the entries and made their layout and punctuation plain.\n"
