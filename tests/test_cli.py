@@ -97,6 +97,29 @@ def test_task_yamls_load_with_files_resolved(config, tmp_path, monkeypatch):
         assert Path(path).is_absolute() and Path(path).is_file()
 
 
+@pytest.mark.parametrize("test_yaml, val_yaml", [("prose_heldout", "prose_heldout_val"),
+                                                ("gsm8k_answers", "gsm8k_answers_val")])
+def test_validation_documents_are_left_out_of_the_reported_task(test_yaml, val_yaml):
+    """A setting chosen on a `*_val` task (WiSE-FT's alpha) never reads a reported document: the two
+    splits of the file are disjoint and together the whole file."""
+    import importlib.util
+
+    import datasets
+
+    spec = importlib.util.spec_from_file_location("doc_splits", REPO / "configs/tasks/doc_splits.py")
+    splits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(splits)
+    test_cfg, val_cfg = (yaml.safe_load((REPO / f"configs/tasks/{n}.yaml").read_text().replace("!function ", ""))
+                         for n in (test_yaml, val_yaml))
+    data = load_task_yaml(REPO / f"configs/tasks/{test_yaml}.yaml")["dataset_kwargs"]["data_files"]["test"]
+    rows = datasets.Dataset.from_json(data)
+    reported = getattr(splits, test_cfg["process_docs"].split(".")[1])(rows)
+    chosen_on = getattr(splits, val_cfg["process_docs"].split(".")[1])(rows)
+    assert len(chosen_on) > 0 and len(reported) >= 100  # the studies' limit reads only reported documents
+    assert len(reported) + len(chosen_on) == len(rows)
+    assert not {json.dumps(r, sort_keys=True) for r in reported} & {json.dumps(r, sort_keys=True) for r in chosen_on}
+
+
 def test_tokenizer_is_linked_from_the_model(monkeypatch, tiny_model_dir):
     monkeypatch.chdir(REPO)
     cli = run_cli(["--config", "configs/toy/base/pretrain.yaml",
