@@ -65,6 +65,14 @@ def test_study_fits_every_method_and_seed_reports_and_resumes(tmp_path, monkeypa
     assert (runs / "wise-ft" / "seed0" / "wise_ft.json").is_file()
     assert again["methods"]["cfs"] == summary["methods"]["cfs"]
 
+    # records copied without models (a real study's committed runs): the WiSE-FT run that reads an
+    # ft export that is gone names it and the fix, and its own folder is left as it was
+    shutil.rmtree(runs / "ft" / "seed1" / "hf_model")
+    shutil.rmtree(runs / "wise-ft" / "seed1")
+    with pytest.raises(FileNotFoundError, match=r"wise-ft .*seed1.* reads .*ft/seed1/hf_model.*delete that run's folder"):
+        _study(tiny_model_dir, out)
+    assert not (runs / "wise-ft" / "seed1").exists()
+
 
 def test_study_config_errors_are_named_before_anything_runs(tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.chdir(REPO)

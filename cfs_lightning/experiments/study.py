@@ -159,17 +159,26 @@ def _run_steps(methods: list[Method], seeds: list[int], values: dict[str, str], 
                         f"--data.init_args.seed={seed}", *(_resolve(a, here, "study fit_args") for a in fit_args),
                         *args, f"--trainer.logger.init_args.save_dir={run}", f"--export.dirpath={run / 'hf_model'}"]
             configs = [fit_config, *m.configs] if m.command == "fit" else m.configs
+            # what it reads from earlier runs (`{runs.<method>}/hf_model`): there when it starts
+            reads = [a.split("=", 1)[-1] for a in args
+                     if any(a.split("=", 1)[-1].startswith(v) for k, v in here.items() if k.startswith("runs."))]
             steps.append(_Step(f"{m.name} seed {seed}", m.minutes, "run",
-                               lambda m=m, c=configs, a=args, r=run: _run_once(m, c, a, base, r), run))
+                               lambda m=m, c=configs, a=args, r=run, n=reads: _run_once(m, c, a, base, r, n), run))
             here[f"runs.{m.name}"] = str(run)
     return steps
 
 
-def _run_once(method: Method, configs: list[str], args: list[str], base: str, run: Path) -> float:
+def _run_once(method: Method, configs: list[str], args: list[str], base: str, run: Path,
+              reads: list[str] = ()) -> float:
     """One run of a method, unless it finished earlier with the same settings; its minutes."""
     if (record := finished(run, configs=configs, args=args)) is not None:
         rank_zero_info(f"[study] {run}: finished earlier, skipped")
         return record["minutes"]
+    if missing := [p for p in reads if not Path(p).exists()]:
+        raise FileNotFoundError(
+            f"study: {method.name} ({run}) reads {', '.join(missing)}, which is not there: the run that "
+            "writes it finished without it (on another machine: a study's committed records keep no "
+            "models); delete that run's folder so that the study fits it again")
     if run.exists():  # an interrupted run: start it again from nothing
         shutil.rmtree(run)
     started = time.perf_counter()
