@@ -159,9 +159,8 @@ def _run_steps(methods: list[Method], seeds: list[int], values: dict[str, str], 
                         f"--data.init_args.seed={seed}", *(_resolve(a, here, "study fit_args") for a in fit_args),
                         *args, f"--trainer.logger.init_args.save_dir={run}", f"--export.dirpath={run / 'hf_model'}"]
             configs = [fit_config, *m.configs] if m.command == "fit" else m.configs
-            # what it reads from earlier runs (`{runs.<method>}/hf_model`): there when it starts
-            reads = [a.split("=", 1)[-1] for a in args
-                     if any(a.split("=", 1)[-1].startswith(v) for k, v in here.items() if k.startswith("runs."))]
+            # the paths it reads from earlier runs (`--finetuned={runs.ft}/hf_model`)
+            reads = [_resolve(a, here, f"method {m.name}").split("=", 1)[-1] for a in m.args if "{runs." in a]
             steps.append(_Step(f"{m.name} seed {seed}", m.minutes, "run",
                                lambda m=m, c=configs, a=args, r=run, n=reads: _run_once(m, c, a, base, r, n), run))
             here[f"runs.{m.name}"] = str(run)
@@ -169,7 +168,7 @@ def _run_steps(methods: list[Method], seeds: list[int], values: dict[str, str], 
 
 
 def _run_once(method: Method, configs: list[str], args: list[str], base: str, run: Path,
-              reads: list[str] = ()) -> float:
+              reads: list[str]) -> float:
     """One run of a method, unless it finished earlier with the same settings; its minutes."""
     if (record := finished(run, configs=configs, args=args)) is not None:
         rank_zero_info(f"[study] {run}: finished earlier, skipped")
