@@ -96,6 +96,17 @@ def test_table_means_ratios_and_best_alpha(runs, tmp_path):
     assert json.loads((tmp_path / "out" / "results.json").read_text())["methods"]["cfs"]["seeds"] == 2
 
 
+def test_a_fit_with_only_its_start_evaluation_is_left_out_and_named(runs, tmp_path):
+    _fit_run(runs / "ft" / "seed2", [], [])  # still running: the base model's scores alone
+    s = report([str(runs)], RET, DOWN, output_dir=str(tmp_path / "out"), baseline="ft")
+    assert s["methods"]["ft"]["seeds"] == 2 and s["methods"]["ft"]["retained"] == pytest.approx(3.1)
+    assert s["unfinished"] == [str(runs / "ft" / "seed2")]
+    assert f"Left out, unfinished (only their fit-start evaluation is logged): `{runs / 'ft' / 'seed2'}`" in (
+        tmp_path / "out" / "results.md").read_text()
+    with pytest.raises(ValueError, match="every run found is unfinished"):
+        report([str(runs / "ft" / "seed2")], RET, DOWN, output_dir=str(tmp_path / "out2"), baseline="ft")
+
+
 def test_tensorboard_logs_are_read(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 

@@ -3,6 +3,7 @@ and plots (`runs.py` reads the runs, `summary.py` measures them, `tables.py` and
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from . import plots
@@ -37,7 +38,8 @@ def report(
     Args:
         runs: A run folder, or a folder to search for runs (e.g. a study's `methods/`), or a
             list of them (`--runs '[a, b]'`). A folder named `seed<k>` is one seed of the method
-            named by its parent folder.
+            named by its parent folder. A fit that has logged only its fit-start evaluation
+            (still running, or stopped in its first epoch) is left out, and the table says so.
         retained: `<task>/<metric>` of retained ability (as logged under `eval/`).
         downstream: `<task>/<metric>` of the downstream task.
         output_dir: Where the table, its JSON and the plots are written.
@@ -52,11 +54,21 @@ def report(
             moved from the base in standard deviations of its seeds.
     """
     loaded = [load_run(p) for p in find_runs([runs] if isinstance(runs, str) else runs)]
+    # a fit still running (or stopped in its first epoch) has logged only the base model's scores
+    unfinished = [r for r in loaded if r.is_fit and r.epochs == [0.0]]
+    loaded = [r for r in loaded if r not in unfinished]
+    if unfinished:
+        print("cfs report: left out, only their fit-start evaluation logged (unfinished): "
+              + ", ".join(str(r.path) for r in unfinished), file=sys.stderr)
+    if not loaded:
+        raise ValueError("cfs report: every run found is unfinished (only its fit-start evaluation is "
+                         "logged); report again when at least one has finished an epoch")
     for run in loaded:
         run.method = (labels or {}).get(run.method, run.method)
     summary = summarize(loaded, retained, downstream, baseline, higher_is_better or [])
     summary["meter"] = meter_summary(loaded, retained)
     summary["also"] = summarize_also(loaded, list(also or []), baseline)
+    summary["unfinished"] = [str(r.path) for r in unfinished]
     out = Path(output_dir)
     summary["plots"] = plots.comparison(loaded, summary, out, sweep_label)
     table = comparison_markdown(summary) + ("\n" + also_markdown(summary) if summary["also"] else "")

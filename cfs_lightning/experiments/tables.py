@@ -80,6 +80,9 @@ def comparison_markdown(s: dict) -> str:
         lines.append(f"Forgetting meter: `{key}` at the last validation against the final retained "
                      f"score, over {len(m['points'])} runs of {methods} method{'s' * (methods > 1)}: "
                      f"Pearson r = {r} (`meter.png`; computed across at least two methods).")
+    if s.get("unfinished"):
+        lines.append("Left out, unfinished (only their fit-start evaluation is logged): "
+                     + ", ".join(f"`{p}`" for p in s["unfinished"]) + ".")
     return "\n".join(lines) + "\n"
 
 
