@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import plots
-from .runs import find_runs, load_run
+from .runs import Run, find_runs, load_run
 from .summary import meter_summary, summarize, summarize_also
 from .tables import also_markdown, comparison_markdown, write_results
 
@@ -53,16 +53,7 @@ def report(
             table: the base model's score and each method's mean ± std, and how far the baseline
             moved from the base in standard deviations of its seeds.
     """
-    loaded = [load_run(p) for p in find_runs([runs] if isinstance(runs, str) else runs)]
-    # a fit still running (or stopped in its first epoch) has logged only the base model's scores
-    unfinished = [r for r in loaded if r.is_fit and r.epochs == [0.0]]
-    loaded = [r for r in loaded if r not in unfinished]
-    if unfinished:
-        print("cfs report: left out, only their fit-start evaluation logged (unfinished): "
-              + ", ".join(str(r.path) for r in unfinished), file=sys.stderr)
-    if not loaded:
-        raise ValueError("cfs report: every run found is unfinished (only its fit-start evaluation is "
-                         "logged); report again when at least one has finished an epoch")
+    loaded, unfinished = _finished([load_run(p) for p in find_runs([runs] if isinstance(runs, str) else runs)])
     for run in loaded:
         run.method = (labels or {}).get(run.method, run.method)
     summary = summarize(loaded, retained, downstream, baseline, higher_is_better or [])
@@ -74,3 +65,16 @@ def report(
     table = comparison_markdown(summary) + ("\n" + also_markdown(summary) if summary["also"] else "")
     write_results(out, summary, table, plots=summary["plots"])
     return summary
+
+
+def _finished(loaded: list[Run]) -> tuple[list[Run], list[Run]]:
+    """The runs to report, and those left out: a fit still running (or stopped in its first
+    epoch) has logged only the base model's scores."""
+    unfinished = [r for r in loaded if r.is_fit and r.epochs == [0.0]]
+    if unfinished:
+        print("cfs report: left out, only their fit-start evaluation logged (unfinished): "
+              + ", ".join(str(r.path) for r in unfinished), file=sys.stderr)
+    if len(unfinished) == len(loaded):
+        raise ValueError("cfs report: every run found is unfinished (only its fit-start evaluation is "
+                         "logged); report again when at least one has finished an epoch")
+    return [r for r in loaded if r not in unfinished], unfinished
