@@ -3,13 +3,15 @@ and plots (`runs.py` reads the runs, `summary.py` measures them, `tables.py` and
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 
 from . import plots
 from .runs import Run, find_runs, load_run
 from .summary import meter_summary, summarize, summarize_also
 from .tables import also_markdown, comparison_markdown, write_results
+
+log = logging.getLogger(__name__)
 
 
 def report(
@@ -72,8 +74,8 @@ def _finished(loaded: list[Run]) -> tuple[list[Run], list[Run]]:
     epoch) has logged only the base model's scores."""
     unfinished = [r for r in loaded if r.is_fit and r.epochs == [0.0]]
     if unfinished:
-        print("cfs report: left out, only their fit-start evaluation logged (unfinished): "
-              + ", ".join(str(r.path) for r in unfinished), file=sys.stderr)
+        log.warning("cfs report: left out, only their fit-start evaluation logged (unfinished): %s",
+                    ", ".join(str(r.path) for r in unfinished))
     if len(unfinished) == len(loaded):
         raise ValueError("cfs report: every run found is unfinished (only its fit-start evaluation is "
                          "logged); report again when at least one has finished an epoch")
