@@ -27,13 +27,13 @@ def write_results(out: Path, results: dict, table: str, stem: str = "results", p
     print(table)
 
 
-def pm(mean: float, std: float, fmt: str) -> str:
-    """`mean ± std` (`mean` alone for a zero std, `-` for NaN), with no `-0`."""
+def pm(mean: float, std: float, fmt: str, seeds: int) -> str:
+    """`mean ± std` over `seeds` runs (`mean` alone for one run, `-` for NaN), with no `-0`."""
     if math.isnan(mean):
         return "-"
     text = f"{mean:{fmt}}"
     text = text.lstrip("-") if float(text) == 0 else text
-    return f"{text} ± {std:{fmt}}" if std else text
+    return f"{text} ± {std:{fmt}}" if seeds > 1 else text
 
 
 def _comparison_lines(s: dict) -> list[str]:
@@ -48,11 +48,11 @@ def _comparison_lines(s: dict) -> list[str]:
     rows = [["base model", "-", f"{s['base'][ret]:.4f}", f"{s['base'][down]:.4f}"] + (["100%", "0%"] if ratios else [])]
     for name, r in s["methods"].items():
         label = name + (f" (α = {', '.join(f'{a:g}' for a in sorted(set(r['alpha'])))})" if "alpha" in r else "")
-        row = [label, str(r["seeds"]), pm(r["retained"], r["retained_std"], ".4f"),
-               pm(r["downstream"], r["downstream_std"], ".4f")]
+        row = [label, str(r["seeds"]), pm(r["retained"], r["retained_std"], ".4f", r["seeds"]),
+               pm(r["downstream"], r["downstream_std"], ".4f", r["seeds"])]
         if ratios:
-            row += [f"{pm(100 * r['forgetting_recovered'], 100 * r['forgetting_recovered_std'], '.0f')}%",
-                    f"{pm(100 * r['gain_kept'], 100 * r['gain_kept_std'], '.0f')}%"]
+            row += [f"{pm(100 * r['forgetting_recovered'], 100 * r['forgetting_recovered_std'], '.0f', r['seeds'])}%",
+                    f"{pm(100 * r['gain_kept'], 100 * r['gain_kept_std'], '.0f', r['seeds'])}%"]
         rows.append(row)
     return [markdown_table(header, rows), ""]
 
@@ -93,7 +93,7 @@ def also_markdown(s: dict) -> str:
         return ""
     metrics = list(also)
     rows = [["base model"] + [f"{also[m]['base']:.4f}" for m in metrics]]
-    rows += [[name] + [pm(*also[m]["methods"][name], ".4f") for m in metrics]
+    rows += [[name] + [pm(*also[m]["methods"][name], ".4f", s["methods"][name]["seeds"]) for m in metrics]
              for name in next(iter(also.values()))["methods"]]
     lines = [markdown_table(["method", *metrics], rows)]
     if s["baseline"] is not None and "change_in_std" in also[metrics[0]]:
