@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from cfs_lightning.callbacks import RetainedEval
+from cfs_lightning.callbacks.retained_eval import tasks_key
 from cfs_lightning.evaluation import task_specs
 from cfs_lightning.data import ReplayDataModule
 from cfs_lightning.tasks import TaskSource
 from cfs_lightning.training import CausalLMFineTuner
 
-from .conftest import write_jsonl
+from .conftest import REPO, write_jsonl
 
 DOCS = ["To be, or not to be: that is the question.", "Friends, Romans, countrymen, lend me your ears.",
         "All the world's a stage."]
@@ -189,3 +190,11 @@ def test_start_scores_are_reused_for_the_same_model_and_only_for_it(tmp_path, ta
     third, third_calls = fit(0.5, perturb=True)
     assert third_calls == 2 and third[0][key] != first[0][key]
     assert len(json.loads(cache.read_text())) == 2
+
+
+def test_the_start_scores_key_names_task_functions_without_memory_addresses():
+    """A task's `!function` hooks enter the key by module and name: their repr's memory address
+    differs from one process to the next, and a key holding it would miss the shared scores."""
+    key = json.dumps(tasks_key([str(REPO / "configs" / "tasks" / "gsm8k_answers.yaml")]))
+    assert " at 0x" not in key
+    assert "gsm8k_answers.process_results" in key and "test_docs" in key

@@ -20,6 +20,16 @@ if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
 
 
+def tasks_key(tasks: list[str], suites: list[str] = ()) -> list:
+    """The tasks as JSON, for `start_scores`' key: a task's functions (lm-eval's `!function`) by
+    module and name, since their repr holds a memory address that differs between processes."""
+    def describe(value: Any) -> str:
+        name = getattr(value, "__qualname__", None)
+        return f"{value.__module__}.{name}" if callable(value) and name else str(value)
+
+    return json.loads(json.dumps(task_specs(tasks, suites), sort_keys=True, default=describe))
+
+
 class RetainedEval(L.Callback):
     """Runs lm-eval on the in-memory model at fit start and at the end of every `every_n_epochs`.
 
@@ -110,7 +120,7 @@ class RetainedEval(L.Callback):
         tok = pl_module.tokenizer
         return {"weights": weights.hexdigest(), "model": type(pl_module.hf_model).__name__,
                 "tokenizer": [type(tok).__name__, len(tok), getattr(tok, "chat_template", None)],
-                "tasks": json.loads(json.dumps(task_specs(self.tasks, self.suites), sort_keys=True, default=str)),
+                "tasks": tasks_key(self.tasks, self.suites),
                 "limit": self.limit, "batch_size": self.batch_size, "max_length": self.max_length,
                 "add_bos_token": self.add_bos_token, "precision": str(trainer.precision)}
 
