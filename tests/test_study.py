@@ -131,6 +131,23 @@ def test_the_progress_line_scales_the_estimates_by_the_pace_seen():
     assert mixed.rest(2) == pytest.approx(4.5)
 
 
+
+def test_the_progress_line_leaves_out_runs_finished_earlier(tmp_path, monkeypatch):
+    """A resumed study's estimate counts only the runs still to do: the finished ones are skipped."""
+    from cfs_lightning.experiments.runs import mark_done
+    from cfs_lightning.experiments.study import _run_all, _Step
+
+    old, new = tmp_path / "ft" / "seed0", tmp_path / "ft" / "seed1"
+    mark_done(old, 0.0, method="ft")
+    lines = []
+    monkeypatch.setattr(cfs_lightning.experiments.study, "rank_zero_info", lines.append)
+    ran = []
+    _run_all([_Step("ft seed 0", 4.0, "run", lambda: ran.append(0) or 0.0, folder=old),
+              _Step("ft seed 1", 5.0, "run", lambda: ran.append(1) or 0.0, folder=new)])
+    assert lines[0] == "[study] step 1/2: ft seed 0; about 5 min to go"  # not 9: seed 0 is done
+    assert ran == [0, 1]  # the steps themselves decide to skip; the line only counts them
+
+
 STUDIES = sorted(p.relative_to(REPO).as_posix() for p in [*REPO.glob("configs/toy*/*.yaml"), *REPO.glob("configs/real/*/*.yaml")]
                  if "methods:" in p.read_text())
 

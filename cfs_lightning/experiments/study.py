@@ -86,16 +86,25 @@ class _Step:
     folder: Path | None = None
     """A run's folder: finished when it holds `done.json`."""
 
+    @property
+    def done(self) -> bool:
+        """A run that finished earlier, which the study skips."""
+        return self.folder is not None and finished(self.folder) is not None
+
+    @property
+    def expected(self) -> float | None:
+        """Minutes to expect for the progress line: none for a run that finished earlier."""
+        return 0.0 if self.done else self.minutes
+
 
 def _plan(steps: list[_Step]) -> dict:
     """The steps a study would run, and the minutes they are expected to take (runs finished
     earlier, which a study would skip, count nothing)."""
     todo = []
     for i, step in enumerate(steps):
-        done = step.folder is not None and finished(step.folder) is not None
-        print(f"{i + 1:3d}. {step.label}" + (" (finished earlier)" if done else
+        print(f"{i + 1:3d}. {step.label}" + (" (finished earlier)" if step.done else
                                               f" ({step.minutes:g} min)" if step.minutes is not None else ""))
-        if not done:
+        if not step.done:
             todo.append(step)
     total = Progress([s.minutes for s in todo], [s.kind for s in todo]).rest(0) if todo else 0.0
     if total is not None:
@@ -251,7 +260,7 @@ def study(
 def _run_all(steps: list[_Step]) -> None:
     """Run the steps in order, saying which runs and how long the rest should take."""
     start, timings = time.perf_counter(), {}
-    progress = Progress([s.minutes for s in steps], [s.kind for s in steps])
+    progress = Progress([s.expected for s in steps], [s.kind for s in steps])
     for i, step in enumerate(steps):
         rank_zero_info(progress.line(i, step.label))
         began = time.perf_counter()
