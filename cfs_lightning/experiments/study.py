@@ -102,9 +102,10 @@ def _plan(steps: list[_Step]) -> dict:
     earlier, which a study would skip, count nothing)."""
     todo = []
     for i, step in enumerate(steps):
-        print(f"{i + 1:3d}. {step.label}" + (" (finished earlier)" if step.done else
+        done = step.done  # reads the run's done.json: once per step
+        print(f"{i + 1:3d}. {step.label}" + (" (finished earlier)" if done else
                                               f" ({step.minutes:g} min)" if step.minutes is not None else ""))
-        if not step.done:
+        if not done:
             todo.append(step)
     total = Progress([s.minutes for s in todo], [s.kind for s in todo]).rest(0) if todo else 0.0
     if total is not None:
