@@ -1,6 +1,8 @@
 """The losses formed from hidden states a chunk at a time (`heads.head_sum`): the same values and
 gradients as whole (B, T, V) logits, in float64, and a training step that never holds (B, T, V)."""
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -16,6 +18,7 @@ from cfs_lightning.training.heads import Logits, postprocess_logits
 from cfs_lightning.training.losses import chunked_target_mean, mean_token_loss, nll, token_divergence
 from cfs_lightning.training.regularizers import KLToReference, NLLReplay, topk_forward_kl
 from cfs_lightning.training.task_losses.dft import dft
+from cfs_lightning.training.task_losses.eaft import EAFT
 
 B, T, H, V = 3, 7, 5, 13
 
@@ -46,10 +49,18 @@ def _whole_mean(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return values[valid].sum() / valid.sum()
 
 
+def _top4_entropy(z: torch.Tensor) -> torch.Tensor:
+    """EAFT's weight by hand: entropy of the softmax over the 4 largest logits, over log 4, detached."""
+    logp = z.detach().sort(-1, descending=True).values[..., :4].log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1) / math.log(4)
+
+
 TERMS = {
     "nll": (lambda z, y, r: nll(z, y), lambda z, y, r: F.cross_entropy(z.transpose(1, 2), y.clamp(min=0), reduction="none")),
     "dft": (lambda z, y, r: dft(z, y),
             lambda z, y, r: (lambda n: n * torch.exp(-n.detach()))(F.cross_entropy(z.transpose(1, 2), y.clamp(min=0), reduction="none"))),
+    "eaft": (lambda z, y, r: EAFT(k=4).per_token(z, y),
+             lambda z, y, r: F.cross_entropy(z.transpose(1, 2), y.clamp(min=0), reduction="none") * _top4_entropy(z)),
     "forward_kl": (lambda z, y, r: token_divergence(z, r),
                    lambda z, y, r: (r.softmax(-1) * (r.log_softmax(-1) - z.log_softmax(-1))).sum(-1)),
     "reverse_kl": (lambda z, y, r: token_divergence(z, r, "reverse"),

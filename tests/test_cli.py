@@ -163,8 +163,8 @@ class Expected(NamedTuple):
     """Its regularizers' terms, `train/reg/<name>`."""
     reference: bool = False
     """Whether it holds a frozen reference: its KL terms read one, and online replay samples from it."""
-    dft: bool = False
-    """Whether its task loss is DFT's, logged apart as `train/task_dft`."""
+    task_loss: str = ""
+    """Its own task loss's name, logged apart as `train/task_<name>` ("": the plain NLL)."""
     lora: bool = False
     """Whether it trains LoRA adapters, exported apart under `adapter/`."""
     replay_kl: bool = True
@@ -179,8 +179,9 @@ EXPECTED = {None: Expected({"nll_replay"}), "ft": Expected(set()), "cfs-nll": Ex
             "lora+cfs": Expected({"nll_replay"}, lora=True), "cs": Expected({"nll_replay"}),
             "real-replay": Expected({"nll_replay"}), "self-dialogue": Expected({"nll_replay"}, replay_kl=False),
             "online": Expected({"nll_replay"}, reference=True), "self-output": Expected(set()),
-            "rephrase": Expected(set()), "stm": Expected(set()), "dft": Expected(set(), dft=True),
-            "asft": Expected({"kl_to_reference"}, reference=True, dft=True),
+            "rephrase": Expected(set()), "stm": Expected(set()), "dft": Expected(set(), task_loss="dft"),
+            "eaft": Expected(set(), task_loss="eaft"),
+            "asft": Expected({"kl_to_reference"}, reference=True, task_loss="dft"),
             "on-policy-kl": Expected({"kl_to_reference"}, reference=True),
             "sdft": Expected({"self_distillation"}, reference=True)}
 """Each method's own fit (None: finetune.yaml alone). A method not here is still run, and held to
@@ -258,9 +259,10 @@ def test_finetune_configs_fast_dev_run(method, tmp_path, monkeypatch, request, t
         assert (module.reference is not None) == expected.reference
         assert (module.lora is not None) == expected.lora
         assert ("val/replay_kl" in metrics) == expected.replay_kl
-        assert ("train/task_dft" in metrics) == expected.dft  # the DFT task loss, logged apart
-        if expected.dft:  # p < 1 weights every token down: the logged task_loss is the plain NLL
-            assert metrics["train/task_dft"] < metrics["train/task_loss"]
+        own = {k for k in metrics if k.startswith("train/task_") and k != "train/task_loss"}
+        assert own == ({f"train/task_{expected.task_loss}"} if expected.task_loss else set())  # logged apart
+        if expected.task_loss:  # DFT's p and EAFT's entropy weight every token below 1: the plain NLL is larger
+            assert metrics[f"train/task_{expected.task_loss}"] < metrics["train/task_loss"]
 
 
 def test_generate_command_writes_shards(tmp_path, tiny_model_dir):

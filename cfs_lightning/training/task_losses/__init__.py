@@ -3,6 +3,7 @@
 
 from .base import TASK_LOSS_KEY, TaskLoss, check_task_loss, task_terms
 from .dft import DFT
+from .eaft import EAFT
 from .nll import NLL
 
-__all__ = ["DFT", "NLL", "TASK_LOSS_KEY", "TaskLoss", "check_task_loss", "task_terms"]
+__all__ = ["DFT", "EAFT", "NLL", "TASK_LOSS_KEY", "TaskLoss", "check_task_loss", "task_terms"]
