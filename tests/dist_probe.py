@@ -34,6 +34,8 @@ class Probe(L.Callback):
                        for p in trainer.optimizers[0].param_groups[0]["params"]],
             "ema_average": [a.cpu().clone() for a in ema.average],
             "ema_updates": ema.num_updates,
+            "ema_theta0": [t.cpu().clone() for t in ema.theta0],
+            "ema_alpha": ema.alpha,
             "l2_initial": [t.cpu().clone() for t in l2.initial],
             "model_sharded": is_sharded(module.model),
             "reference_sharded": is_sharded(reference),

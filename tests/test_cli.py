@@ -175,7 +175,7 @@ class Expected(NamedTuple):
 EXPECTED = {None: Expected({"nll_replay"}), "ft": Expected(set()), "cfs-nll": Expected({"nll_replay"}),
             "cfs-kl": Expected({"kl_to_reference"}, reference=True),
             "cfs-kl-topk": Expected({"kl_from_cached_top_k"}), "l2": Expected({"l2_to_init"}),
-            "ema": Expected(set()), "lora": Expected(set(), lora=True),
+            "ema": Expected(set()), "bema": Expected(set()), "lora": Expected(set(), lora=True),
             "lora+cfs": Expected({"nll_replay"}, lora=True), "cs": Expected({"nll_replay"}),
             "real-replay": Expected({"nll_replay"}), "self-dialogue": Expected({"nll_replay"}, replay_kl=False),
             "online": Expected({"nll_replay"}, reference=True), "self-output": Expected(set()),

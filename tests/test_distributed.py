@@ -80,7 +80,8 @@ def fit_config(out: Path, model_dir: Path, task_files: dict, replay_dir: Path, t
                 {"class_path": "cfs_lightning.training.regularizers.KLToReference",
                  "init_args": {"weight": 0.5, "chunk_size": 8}},
                 {"class_path": "cfs_lightning.training.regularizers.L2ToInit", "init_args": {"weight": 0.01}},
-                {"class_path": "cfs_lightning.training.regularizers.EMA", "init_args": {"decay": 0.5}},
+                {"class_path": "cfs_lightning.training.regularizers.EMA",  # BEMA: theta_0 kept per shard too
+                 "init_args": {"ema_power": 0.5, "bias_power": 0.2}},
             ],
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
         }},
@@ -129,6 +130,7 @@ def test_two_process_fit_checkpoint_resume_and_eval(strategy, tmp_path, tiny_mod
         assert start[rank]["model_sharded"] is sharded and start[rank]["reference_sharded"] is sharded
         assert not start[rank]["reference_shares_params"]
         assert tensors_equal(start[rank]["l2_initial"], start[rank]["params"])  # theta_0 = the start
+        assert tensors_equal(start[rank]["ema_theta0"], start[rank]["params"])
         assert saved[rank]["ema_updates"] == 3
         assert not tensors_equal(saved[rank]["ema_average"], start[rank]["params"])
     # Each rank trains on its own replay rows (the cycling sampler is split, not repeated).
@@ -161,6 +163,8 @@ def test_two_process_fit_checkpoint_resume_and_eval(strategy, tmp_path, tiny_mod
         assert tensors_equal(resumed[rank]["params"], saved[rank]["params"])
         assert tensors_equal(resumed[rank]["ema_average"], saved[rank]["ema_average"])
         assert tensors_equal(resumed[rank]["l2_initial"], start[rank]["l2_initial"])
+        assert tensors_equal(resumed[rank]["ema_theta0"], start[rank]["ema_theta0"])
+        assert resumed[rank]["ema_alpha"] == saved[rank]["ema_alpha"] > 0
     assert load(out, "saved")[0]["step"] == 6
     history = json.loads((out / "retained_eval.json").read_text())
     assert [h["step"] for h in history] == [0, 3, 6]  # the fit-start baseline survived the resume

@@ -252,6 +252,65 @@ def test_ema_follows_the_recurrence_and_swaps_exactly():
     assert torch.equal(w.detach(), before + 1.0)
 
 
+@pytest.mark.parametrize("update_after, update_every", [(0, 1), (2, 1), (1, 2)])
+def test_bema_follows_trls_recurrence_in_float64(update_after, update_every):
+    """TRL's BEMACallback by hand: at step tau theta_0 and the average restart from the live
+    weights; at every phi-th step s after it, beta = max((rho + gamma s) ** -kappa, floor),
+    ema = (1 - beta) ema + beta theta, and the weights used are ema + (rho + gamma s) ** -eta (theta - theta_0)."""
+    kappa, eta, rho, gamma, floor = 0.5, 0.2, 3.0, 2.0, 0.05
+    module = Holder()
+    bema = EMA(ema_power=kappa, bias_power=eta, lag=rho, multiplier=gamma, min_ema_multiplier=floor,
+               update_after=update_after, update_every=update_every)
+    bema.setup(module)
+    weights = [p for p in module.model.parameters() if p.requires_grad]
+    theta0 = [w.detach().clone() for w in weights]
+    ema, alpha = [w.detach().clone() for w in weights], 0.0
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 9):
+        with torch.no_grad():
+            for w in weights:
+                w.add_(torch.randn(w.shape, generator=g, dtype=w.dtype))
+        bema.on_after_optimizer_step(module)
+        t = step - update_after
+        if t == 0:
+            theta0 = [w.detach().clone() for w in weights]
+            ema = [w.detach().clone() for w in weights]
+        elif t > 0 and t % update_every == 0:
+            beta = max((rho + gamma * step) ** -kappa, floor)
+            ema = [(1 - beta) * e + beta * w.detach() for e, w in zip(ema, weights)]
+            alpha = (rho + gamma * step) ** -eta
+        assert bema.alpha == pytest.approx(alpha, rel=1e-15)
+        for a, e in zip(bema.average, ema):
+            torch.testing.assert_close(a, e, rtol=1e-13, atol=1e-15)
+    live = [w.detach().clone() for w in weights]
+    with bema.eval_weights(module):
+        for w, e, l0, t0 in zip(weights, ema, live, theta0):
+            torch.testing.assert_close(w.detach(), e + alpha * (l0 - t0), rtol=1e-13, atol=1e-15)
+    assert all(torch.equal(w.detach(), l0) for w, l0 in zip(weights, live))  # restored bit for bit
+    assert alpha > 0 and not torch.allclose(ema[0], ema[0] + alpha * (live[0] - theta0[0]))  # it corrects
+
+
+def test_bema_state_resumes_and_a_mismatched_checkpoint_is_refused():
+    module = Holder()
+    bema = EMA(ema_power=0.5, bias_power=0.2, update_after=1)
+    bema.setup(module)
+    for _ in range(3):
+        with torch.no_grad():
+            module.model[0].weight.add_(1.0)
+        bema.on_after_optimizer_step(module)
+    resumed = EMA(ema_power=0.5, bias_power=0.2, update_after=1)
+    resumed.setup(Holder())
+    resumed.load_state_dict(bema.state_dict())
+    assert resumed.alpha == bema.alpha and resumed.num_updates == 2 and resumed._steps == 3
+    assert all(torch.equal(a, b) for a, b in zip(resumed.theta0 + resumed.average, bema.theta0 + bema.average))
+    plain = EMA()
+    plain.setup(Holder())
+    with pytest.raises(ValueError, match="saved with BEMA's bias correction; resume with the bias_power"):
+        plain.load_state_dict(bema.state_dict())
+    with pytest.raises(ValueError, match="EMA.bias_power must be >= 0, got -1"):
+        EMA(bias_power=-1)
+
+
 def test_ema_with_nothing_trainable_updates_nothing():
     module = Holder()
     module.model.requires_grad_(False)
