@@ -132,7 +132,7 @@ def fit(args) -> None:
     del cli, trainer
     exported = AutoModelForCausalLM.from_pretrained(out / "hf").to(device())
     tok = AutoTokenizer.from_pretrained(out / "hf")
-    scores, _ = evaluate_lm(exported, tok, [load_task_yaml(str(HELDOUT))], batch_size=8, limit=args.eval_limit)
+    scores, _, _ = evaluate_lm(exported, tok, [load_task_yaml(str(HELDOUT))], batch_size=8, limit=args.eval_limit)
     reloaded = scores["shakespeare_heldout/bits_per_byte"]
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device())
     moved = max((a - b).abs().max().item() for a, b in zip(exported.parameters(), base.parameters()))

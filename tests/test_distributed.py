@@ -103,7 +103,7 @@ def fit_config(out: Path, model_dir: Path, task_files: dict, replay_dir: Path, t
 @pytest.fixture(scope="module")
 def one_process_scores(tiny_model_dir, eval_tasks) -> dict[str, float]:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    values, _ = evaluate_lm(model, AutoTokenizer.from_pretrained(tiny_model_dir), task_specs(eval_tasks),
+    values, _, _ = evaluate_lm(model, AutoTokenizer.from_pretrained(tiny_model_dir), task_specs(eval_tasks),
                             batch_size=4, limit=LIMIT)
     assert {k.split("/")[0] for k in values} == {"shakespeare_heldout", "gsm8k_answers", "gsm8k_yes_no"}
     return values
@@ -154,6 +154,10 @@ def test_two_process_fit_checkpoint_resume_and_eval(strategy, tmp_path, tiny_mod
     history = json.loads((out / "retained_eval.json").read_text())
     for key, value in one_process_scores.items():
         assert history[0][f"eval/{key}"] == pytest.approx(value, rel=1e-5)
+    # per item, over the documents of both ranks: gained less lost is the change in accuracy
+    end = history[-1]
+    assert end["items/gsm8k_yes_no/acc/gained"] - end["items/gsm8k_yes_no/acc/forgotten"] == pytest.approx(
+        end["eval/gsm8k_yes_no/acc"] - history[0]["eval/gsm8k_yes_no/acc"])
 
     # Resume for a second epoch: every rank gets back its weights, average and theta_0.
     run_fit(config, strategy, "--trainer.max_epochs=2", f"--ckpt_path={out / 'ckpt' / 'last.ckpt'}")

@@ -181,7 +181,7 @@ def test_fit_with_every_regularizer_evaluates_and_exports_a_model_lm_eval_scores
     with torch.no_grad():
         assert torch.allclose(exported(ids).logits, live(ids).logits, atol=1e-5)
     # lm-eval on the reloaded export scores it as RetainedEval scored the model in training
-    scores, _ = evaluate_lm(exported, exported_tok, [load_task_yaml(HELDOUT)], batch_size=4, limit=3)
+    scores, _, _ = evaluate_lm(exported, exported_tok, [load_task_yaml(HELDOUT)], batch_size=4, limit=3)
     assert scores["shakespeare_heldout/bits_per_byte"] == pytest.approx(final, rel=1e-5)
 
 

@@ -114,7 +114,7 @@ def test_two_step_fit_with_replay_nll_and_kl_exports_a_model_that_reloads(smollm
 
 def test_an_lm_eval_task_separates_the_real_model_from_chance(smollm2_loaded):
     model, tok = smollm2_loaded
-    values, _ = evaluate_lm(model, tok, [load_task_yaml(REPO / "configs/tasks/analogies.yaml")],
+    values, _, _ = evaluate_lm(model, tok, [load_task_yaml(REPO / "configs/tasks/analogies.yaml")],
                             batch_size=16, limit=20)
     assert values["analogies/acc"] >= 0.5  # four choices: chance is 0.25; SmolLM2 scores 0.775 on all 200
 
@@ -130,7 +130,7 @@ def test_gemma3_through_the_same_pipeline(tmp_path, monkeypatch):
     replay = tmp_path / "replay"
     generate_replay(model, tok, replay, SamplingConfig(max_new_tokens=24, batch_size=6), Budget(sequences=6))
     assert all(row[0] == tok.bos_token_id for row in load_shards(replay)["input_ids"])
-    values, _ = evaluate_lm(model, tok, [load_task_yaml(REPO / "configs/tasks/analogies.yaml")],
+    values, _, _ = evaluate_lm(model, tok, [load_task_yaml(REPO / "configs/tasks/analogies.yaml")],
                             batch_size=16, limit=20)
     assert values["analogies/acc"] >= 0.5
     monkeypatch.chdir(REPO)

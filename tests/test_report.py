@@ -214,3 +214,19 @@ def test_also_tabulates_further_metrics_and_the_baselines_change_against_its_spr
     assert f"ft's change from the base model, in standard deviations of its seeds: {RET} 7.8, {DOWN} 3.5." in table
     with pytest.raises(KeyError, match="'held/acc' \\(in `also`\\) was not logged"):
         report([str(runs)], RET, DOWN, output_dir=str(tmp_path / "out2"), also=["held/acc"])
+
+
+def test_per_item_forgetting_is_tabulated_for_the_runs_that_logged_it(runs, tmp_path):
+    """Each run's last evaluation's `items/` keys, per method over the seeds that have them; a run
+    without them (logged before per-item scoring) is left out of that table only."""
+    for seed, (lost, gained) in (("seed0", (0.10, 0.02)), ("seed1", (0.20, 0.04))):
+        path = runs / "ft" / seed
+        history = json.loads((path / "retained_eval.json").read_text())
+        history[-1] |= {"items/task/acc/forgotten": lost, "items/task/acc/gained": gained,
+                        "items/task/acc/forgotten_adjusted": lost / 2, "items/task/acc/gained_adjusted": 0.0}
+        write_scores(path, history)
+    s = report([str(runs)], RET, DOWN, output_dir=str(tmp_path / "out"), baseline="ft")
+    assert s["items"]["task/acc/forgotten"] == {"ft": pytest.approx([0.15, math.sqrt(0.005), 2])}
+    assert set(s["methods"]) == {"ft", "cfs", "wise-ft"}  # the main table keeps every method
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| method | task/acc |" in table and "| ft | 15 ± 7 / 3 ± 1 (8 ± 4 / 0 ± 0), 2 runs |" in table

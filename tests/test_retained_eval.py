@@ -11,6 +11,7 @@ import torch
 from cfs_lightning.callbacks import RetainedEval
 from cfs_lightning.callbacks.retained_eval import tasks_key
 from cfs_lightning.evaluation import task_specs
+from cfs_lightning.scores import ITEM_CHANGES, item_changes
 from cfs_lightning.data import ReplayDataModule
 from cfs_lightning.tasks import TaskSource
 from cfs_lightning.training import CausalLMFineTuner
@@ -102,6 +103,13 @@ def test_scores_match_a_hand_computation_and_forget_is_signed(tmp_path, task_fil
     assert trainer.callback_metrics["forget/toy_rolling/bits_per_byte"].item() == pytest.approx(
         end["forget/toy_rolling/bits_per_byte"])
     assert len(json.loads((Path(trainer.log_dir) / "retained_eval.json").read_text())) == 2
+    # per item: only the 0-or-1 metric; what was gained less what was lost is the change in accuracy
+    assert {k for k in end if k.startswith("items/")} == {f"items/toy_choice/acc/{c}" for c in ITEM_CHANGES}
+    assert end["items/toy_choice/acc/gained"] - end["items/toy_choice/acc/forgotten"] == pytest.approx(
+        end["eval/toy_choice/acc"] - start["eval/toy_choice/acc"])
+    outcomes = callback.baseline_items["toy_choice/acc"]  # each document's outcome at fit start, chance 1/2
+    assert sorted(outcomes) == ["0", "1", "2"] and {c for _, c in outcomes.values()} == {0.5}
+    assert sum(v for v, _ in outcomes.values()) / 3 == pytest.approx(start["eval/toy_choice/acc"])
 
 
 def test_bad_task_path_names_the_file(tmp_path):
@@ -190,6 +198,12 @@ def test_start_scores_are_reused_for_the_same_model_and_only_for_it(tmp_path, ta
     third, third_calls = fit(0.5, perturb=True)
     assert third_calls == 2 and third[0][key] != first[0][key]
     assert len(json.loads(cache.read_text())) == 2
+    # an entry written without per-item outcomes is evaluated again and replaced, not duplicated
+    entries = json.loads(cache.read_text())
+    cache.write_text(json.dumps([{k: v for k, v in e.items() if k != "items"} for e in entries]))
+    _, fourth_calls = fit(0.5)
+    entries = json.loads(cache.read_text())
+    assert fourth_calls == 2 and len(entries) == 2 and sum("items" in e for e in entries) == 1
 
 
 def test_the_start_scores_key_names_task_functions_without_memory_addresses():
@@ -198,3 +212,36 @@ def test_the_start_scores_key_names_task_functions_without_memory_addresses():
     key = json.dumps(tasks_key([str(REPO / "configs" / "tasks" / "gsm8k_answers.yaml")]))
     assert " at 0x" not in key
     assert "gsm8k_answers.process_results" in key and "test_docs" in key
+
+
+def _simulated(known_before: float, known_after: float, k: int, n: int = 40000) -> dict[str, float]:
+    """Items known (always right) or guessed among k choices, the known ones nested: the first
+    `known_after` of them still known after, the rest of the first `known_before` lost."""
+    rng = random.Random(0)
+    start, now = {}, {}
+    for i in range(n):
+        u = i / n
+        start[str(i)] = [1.0 if u < known_before or rng.random() < 1 / k else 0.0, 1 / k]
+        now[str(i)] = [1.0 if u < known_after or rng.random() < 1 / k else 0.0, 1 / k]
+    return {key.rsplit("/", 1)[1]: v for key, v in item_changes({"t/acc": start}, {"t/acc": now}).items()}
+
+
+def test_per_item_changes_count_flips_and_take_out_what_guessing_explains():
+    start = {"t/acc": {"0": [1.0, 0.25], "1": [1.0, 0.25], "2": [0.0, 0.25], "3": [0.0, 0.25]},
+             "t/exact": {"0": [1.0, 0.0], "1": [0.0, 0.0]}}
+    now = {"t/acc": {"0": [0.0, 0.25], "1": [1.0, 0.25], "2": [1.0, 0.25], "3": [0.0, 0.25], "9": [1.0, 0.25]},
+           "t/exact": {"0": [0.0, 0.0], "1": [0.0, 0.0]}}
+    got = item_changes(start, now)
+    # acc over the 4 shared documents: one 1->0, one 0->1; a0 = a1 = 1/2, so u = (1/2) / (3/4) = 2/3
+    # are guessed both times, each flipping either way with probability 3/16: 1/8 of the items
+    assert got["items/t/acc/forgotten"] == got["items/t/acc/gained"] == 0.25
+    assert got["items/t/acc/forgotten_adjusted"] == pytest.approx((0.25 - 0.125) / 0.75)
+    assert got["items/t/exact/forgotten"] == 0.5 and got["items/t/exact/gained"] == 0.0
+    assert got["items/t/exact/forgotten_adjusted"] == 0.5  # nothing is guessed: the raw share
+    guessing = _simulated(0.0, 0.0, k=4)  # a model that only guesses flips 3/16 of the items each way
+    assert guessing["forgotten"] == pytest.approx(3 / 16, abs=0.01)
+    assert guessing["forgotten_adjusted"] == pytest.approx(0.0, abs=0.015)
+    losing = _simulated(0.6, 0.4, k=4)  # a fifth of the items lost, none gained
+    assert losing["forgotten"] == pytest.approx(0.2 * 0.75 + 0.4 * 3 / 16, abs=0.01)
+    assert losing["forgotten_adjusted"] == pytest.approx(0.2, abs=0.015)
+    assert losing["gained_adjusted"] == pytest.approx(0.0, abs=0.015)

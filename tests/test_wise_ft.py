@@ -57,7 +57,7 @@ def test_interpolate_endpoints_are_the_two_models(tmp_path, tiny_model_dir, fine
     assert [r["alpha"] for r in rows] == [0, 0.5, 1]
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     for alpha, name in ((0, tiny_model_dir), (1, finetuned_dir)):
-        scores, _ = evaluate_lm(AutoModelForCausalLM.from_pretrained(name), tok, task_specs(TASKS + VAL_TASKS),
+        scores, _, _ = evaluate_lm(AutoModelForCausalLM.from_pretrained(name), tok, task_specs(TASKS + VAL_TASKS),
                                 batch_size=4, limit=4)
         row = next(r for r in rows if r["alpha"] == alpha)
         for key in (RET, DOWN, VAL_RET, VAL_DOWN):

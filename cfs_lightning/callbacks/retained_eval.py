@@ -11,9 +11,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..evaluation import evaluate_lm, task_manager_for, task_specs
+from ..evaluation import Evaluation, evaluate_lm, task_manager_for, task_specs
 from ..io import write_text
-from ..scores import scored, write_scores
+from ..scores import item_changes, scored, write_scores
 from ..training.sharding import full_params_for_eval, is_sharded
 
 if TYPE_CHECKING:
@@ -35,7 +35,10 @@ class RetainedEval(L.Callback):
 
     Logs `eval/<task>/<metric>` and `forget/<task>/<metric>`: the change since the first
     evaluation (fit start, unless `on_fit_start` is off), signed so that positive means worse (a
-    drop of a higher-is-better metric, a rise of a loss). The history is kept in `self.history`,
+    drop of a higher-is-better metric, a rise of a loss), and with `per_item` the per-item
+    forgetting of every metric scored 0 or 1 per document, `items/<task>/<metric>/<change>`
+    (`scores.item_changes`: the share of documents right at the first evaluation and wrong now,
+    the reverse, and both adjusted for guessing). The history is kept in `self.history`,
     written to the run's scores file (`scores.write_scores`), and saved in checkpoints, so a resumed fit keeps
     measuring forgetting against the original start.
 
@@ -64,6 +67,7 @@ class RetainedEval(L.Callback):
         every_n_epochs: int = 1,
         on_fit_start: bool = True,
         start_scores: str | None = None,
+        per_item: bool = True,
     ) -> None:
         """
         Args:
@@ -78,6 +82,7 @@ class RetainedEval(L.Callback):
             every_n_epochs: Evaluate after every n-th training epoch.
             on_fit_start: Also evaluate before training (the baseline of `forget/`).
             start_scores: A JSON file of fit-start evaluations to reuse and add to (see above).
+            per_item: Also log per-item forgetting (lm-eval keeps each document's outcome).
         """
         self.tasks, self.suites = list(tasks or []), list(suites or [])
         if not self.tasks and not self.suites:
@@ -88,14 +93,17 @@ class RetainedEval(L.Callback):
         self.batch_size, self.limit, self.eval_at_fit_start = batch_size, limit, on_fit_start
         self.max_length, self.add_bos_token, self.every_n_epochs = max_length, add_bos_token, every_n_epochs
         self.start_scores = Path(start_scores).expanduser() if start_scores else None
+        self.per_item = per_item
         self.baseline: dict[str, float] | None = None
+        self.baseline_items: dict[str, dict[str, list[float]]] = {}
+        """Per document, each 0-or-1 metric's outcome at the first evaluation (`per_item`)."""
         self.higher_is_better: dict[str, bool] = {}
         """Per `<task>/<metric>`, whether higher is better (as lm-eval's task declares it)."""
         self.history: list[dict[str, Any]] = []
         self._task_manager: TaskManager | None = None
         self._resumed = False
 
-    def evaluate(self, pl_module: L.LightningModule) -> tuple[dict[str, float], dict[str, bool]] | None:
+    def evaluate(self, pl_module: L.LightningModule) -> Evaluation | None:
         """Scores of the module's model now (its evaluation weights, e.g. an EMA average).
 
         In a distributed run every rank must call it; the scores come back on rank 0 only.
@@ -108,7 +116,8 @@ class RetainedEval(L.Callback):
             # FSDP2 units gather in their own forward: every rank must run each forward pass.
             return evaluate_lm(pl_module.hf_model, pl_module.tokenizer, specs, self.batch_size,
                                self.limit, self.max_length, self.add_bos_token, self._task_manager,
-                               sharded=is_sharded(pl_module.model) and pl_module.device_mesh is not None)
+                               sharded=is_sharded(pl_module.model) and pl_module.device_mesh is not None,
+                               items=self.per_item)
 
     def _start_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """What a fit-start evaluation depends on (`start_scores`)."""
@@ -135,22 +144,23 @@ class RetainedEval(L.Callback):
         except json.JSONDecodeError as err:
             raise ValueError(f"RetainedEval start_scores: {self.start_scores} is not valid JSON ({err}); "
                              "delete it and the fit-start evaluation runs again") from err
-        for entry in entries:
-            if entry["key"] == key:
-                rank_zero_info(f"RetainedEval: fit-start scores reused from {self.start_scores} (same model and tasks)")
-                return entry["scores"], entry["higher_is_better"]
-        values, better = self.evaluate(pl_module)
-        entries.append({"key": key, "scores": values, "higher_is_better": better})
+        same = [entry for entry in entries if entry["key"] == key]
+        if same and ("items" in same[0] or not self.per_item):
+            rank_zero_info(f"RetainedEval: fit-start scores reused from {self.start_scores} (same model and tasks)")
+            return Evaluation(same[0]["scores"], same[0]["higher_is_better"], same[0].get("items", {}))
+        result = self.evaluate(pl_module)  # an entry without per-item outcomes is replaced
+        entries = [entry for entry in entries if entry["key"] != key]
+        entries.append({"key": key, "scores": result.values, "higher_is_better": result.better, "items": result.items})
         write_text(self.start_scores, json.dumps(entries, indent=1) + "\n")
-        return values, better
+        return result
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, start: bool = False) -> dict[str, float]:
         result = self._start_evaluation(trainer, pl_module) if start else self.evaluate(pl_module)
-        values, better = trainer.strategy.broadcast(result, src=0)
+        values, better, items = trainer.strategy.broadcast(result, src=0)
         self.higher_is_better = better
         if self.baseline is None:
-            self.baseline = values
-        metrics = scored(values, self.baseline, better)
+            self.baseline, self.baseline_items = values, items
+        metrics = scored(values, self.baseline, better) | item_changes(self.baseline_items, items)
         self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
@@ -168,7 +178,7 @@ class RetainedEval(L.Callback):
         if self._resumed:  # keep the restored baseline and history
             self._resumed = False
             return
-        self.baseline, self.history = None, []
+        self.baseline, self.baseline_items, self.history = None, {}, []
         if self.eval_at_fit_start:
             self._run(trainer, pl_module, start=True)
 
@@ -177,8 +187,9 @@ class RetainedEval(L.Callback):
             self._run(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"baseline": self.baseline, "history": self.history}
+        return {"baseline": self.baseline, "history": self.history, "baseline_items": self.baseline_items}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.baseline, self.history = state_dict["baseline"], state_dict["history"]
+        self.baseline_items = state_dict.get("baseline_items", {})  # none in checkpoints of earlier versions
         self._resumed = True

@@ -12,8 +12,8 @@ computed over all documents, as in a one-process run.
   top; `evaluate_lm` imports it when an evaluation runs, so importing this package is cheap).
 """
 
-from .run import evaluate_lm
+from .run import Evaluation, evaluate_lm
 from .tasks import SUITES, load_task_yaml, task_manager_for, task_name, task_specs, uses_chat_template
 
-__all__ = ["SUITES", "evaluate_lm", "load_task_yaml", "task_manager_for", "task_name", "task_specs",
+__all__ = ["SUITES", "Evaluation", "evaluate_lm", "load_task_yaml", "task_manager_for", "task_name", "task_specs",
            "uses_chat_template"]

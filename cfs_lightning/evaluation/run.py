@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -17,6 +17,19 @@ if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
 
 
+class Evaluation(NamedTuple):
+    """What `evaluate_lm` gives back."""
+
+    values: dict[str, float]
+    """`<task>/<metric> -> score`."""
+    better: dict[str, bool]
+    """`<task>/<metric> -> higher is better`."""
+    items: dict[str, dict[str, list[float]]]
+    """With `items=True`: each metric scored 0 or 1 per document, `<task>/<metric> -> {doc_id:
+    [score, chance]}`, chance 1/k for a multiple-choice document of k choices, else 0
+    (`scores.item_changes` reads them); otherwise empty."""
+
+
 def evaluate_lm(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -27,8 +40,9 @@ def evaluate_lm(
     add_bos_token: bool | None = None,
     task_manager: TaskManager | None = None,
     sharded: bool = False,
-) -> tuple[dict[str, float], dict[str, bool]] | None:
-    """lm-eval scores of an in-memory model: ({"<task>/<metric>": value}, {...: higher_is_better}).
+    items: bool = False,
+) -> Evaluation | None:
+    """lm-eval scores of an in-memory model (`Evaluation`; per document too with `items`).
 
     In a distributed run every rank must call it: the documents are split over the ranks and the
     scores come back on rank 0 only (None elsewhere). `sharded`: the model is FSDP-sharded.
@@ -49,6 +63,7 @@ def evaluate_lm(
     progress = ProgressLine(_progress_label(tasks), shown)
     values: dict[str, float] = {}
     better: dict[str, bool] = {}
+    outcomes: dict[str, dict[str, list[float]]] = {}
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
         # lm-eval calls model.eval(); eval_mode gives the model back in the mode it came in.
@@ -57,7 +72,7 @@ def evaluate_lm(
                             add_bos_token=add_bos_token, progress=progress, sharded=sharded)
             for group, apply_chat in groups:  # lm-eval applies a chat template to all tasks of a call
                 results = simple_evaluate(
-                    model=lm, tasks=group, limit=limit, bootstrap_iters=0, log_samples=False,
+                    model=lm, tasks=group, limit=limit, bootstrap_iters=0, log_samples=items,
                     task_manager=task_manager, random_seed=None, numpy_random_seed=None,
                     torch_random_seed=None, apply_chat_template=apply_chat,
                 )
@@ -65,11 +80,12 @@ def evaluate_lm(
                     got = _flatten(results)
                     values.update(got[0])
                     better.update(got[1])
+                    outcomes.update(_item_outcomes(results) if items else {})
     finally:
         progress.close()
         random.setstate(py_state)
         np.random.set_state(np_state)
-    return (values, better) if values else None
+    return Evaluation(values, better, outcomes) if values else None
 
 
 def _by_chat_template(tasks: list[str | dict], tokenizer: PreTrainedTokenizerBase) -> list[tuple[list, bool]]:
@@ -86,6 +102,22 @@ def _by_chat_template(tasks: list[str | dict], tokenizer: PreTrainedTokenizerBas
 def _progress_label(tasks: list[str | dict]) -> str:
     names = [task_name(t) for t in tasks]
     return "lm-eval " + ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _item_outcomes(results: dict) -> dict[str, dict[str, list[float]]]:
+    """From lm-eval's logged samples, every metric that scores each document 0 or 1 (accuracy,
+    exact match, ...): `<task>/<metric> -> {doc_id: [score, chance]}` (`Evaluation.items`)."""
+    found: dict[str, dict[str, list[float]]] = {}
+    for task, samples in results.get("samples", {}).items():
+        multiple_choice = results["configs"][task].get("output_type") == "multiple_choice"
+        for sample in samples:
+            chance = 1.0 / len(sample["arguments"]) if multiple_choice else 0.0  # one request per choice
+            for metric in sample["metrics"]:
+                filt = sample["filter"]
+                name = f"{task}/{metric}" if filt == "none" else f"{task}/{metric}_{filt}"
+                found.setdefault(name, {})[str(sample["doc_id"])] = [sample[metric], chance]
+    return {name: {doc: [float(v), c] for doc, (v, c) in docs.items()} for name, docs in found.items()
+            if all(isinstance(v, (bool, int, float)) and v in (0, 1) for v, _ in docs.values())}
 
 
 def _flatten(results: dict) -> tuple[dict[str, float], dict[str, bool]]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from . import plots
 from .runs import Run, find_runs, load_run
-from .summary import meter_summary, summarize, summarize_also
-from .tables import also_markdown, comparison_markdown, write_results
+from .summary import meter_summary, summarize, summarize_also, summarize_items
+from .tables import also_markdown, comparison_markdown, items_markdown, write_results
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,12 @@ def report(
     summary = summarize(loaded, retained, downstream, baseline, higher_is_better or [])
     summary["meter"] = meter_summary(loaded, retained)
     summary["also"] = summarize_also(loaded, list(also or []), baseline)
+    summary["items"] = summarize_items(loaded)
     summary["unfinished"] = [str(r.path) for r in unfinished]
     out = Path(output_dir)
     summary["plots"] = plots.comparison(loaded, summary, out, sweep_label)
-    table = comparison_markdown(summary) + ("\n" + also_markdown(summary) if summary["also"] else "")
+    table = comparison_markdown(summary) + "".join("\n" + part for part in (also_markdown(summary),
+                                                                           items_markdown(summary)) if part)
     write_results(out, summary, table, plots=summary["plots"])
     return summary
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import write_text
-from ..scores import CURVES, EVAL, FORGET, SCORES_FILE, eval_scores, read_scores
+from ..scores import CURVES, EVAL, FORGET, ITEMS, SCORES_FILE, eval_scores, read_scores
 
 DONE = "done.json"
 """The record a finished step leaves in its folder."""
@@ -44,6 +44,8 @@ class Run:
     curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     forget: list[dict[str, float]] = field(default_factory=list)
     """`forget/<task>/<metric>` beside each evaluation, when logged (it tells the metric's direction)."""
+    items: dict[str, float] = field(default_factory=dict)
+    """The last evaluation's per-item changes, `<task>/<metric>/<change>` (`scores.item_changes`), when logged."""
     alpha: float | None = None
     """WiSE-FT: the alpha whose scores are the run's last evaluation (the first is alpha 0)."""
     chosen_on: list[str] = field(default_factory=list)
@@ -140,6 +142,7 @@ def load_run(path: Path) -> Run:
         run.epochs = [_epochs_completed(rows, h.get("step", 0)) for h in history]
     run.evals = [eval_scores(h) for h in history]
     run.forget = [eval_scores(h, FORGET) for h in history]
+    run.items = eval_scores(history[-1], ITEMS) if history else {}
     if history and "alpha" in history[-1]:
         run.alpha, run.chosen_on = history[-1]["alpha"], history[-1].get("chosen_on", [])
         if (path / SWEEP).is_file():

@@ -138,6 +138,17 @@ def summarize_also(runs: list[Run], metrics: list[str], baseline: str | None) ->
     return out
 
 
+def summarize_items(runs: list[Run]) -> dict[str, dict[str, list[float]]]:
+    """Per-item forgetting (`scores.item_changes`) at each method's last evaluation:
+    `<task>/<metric>/<change> -> {method: [mean, std, runs]}` over the runs that logged it."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for name, group in by_method(runs).items():
+        for key in dict.fromkeys(k for run in group for k in run.items):
+            values = [run.items[key] for run in group if key in run.items]
+            out.setdefault(key, {})[name] = [*mean_std(values), len(values)]
+    return out
+
+
 def meter_summary(runs: list[Run], retained: str) -> dict[str, dict]:
     """Per meter key logged by any run: each run's last value beside its final retained score
     (`points`: [meter, retained, method]) and their Pearson correlation over the runs, when they

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 from ..io import write_text
+from ..scores import ITEM_CHANGES
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -84,6 +85,28 @@ def comparison_markdown(s: dict) -> str:
         lines.append("Left out, unfinished (only their fit-start evaluation is logged): "
                      + ", ".join(f"`{p}`" for p in s["unfinished"]) + ".")
     return "\n".join(lines) + "\n"
+
+
+def items_markdown(s: dict) -> str:
+    """Per-item forgetting per method: for each 0-or-1 metric, the share of documents lost (right at
+    fit start, wrong at the end) and gained, raw and adjusted for guessing, in percent."""
+    items = s.get("items") or {}
+    metrics = list(dict.fromkeys(key.rsplit("/", 1)[0] for key in items))
+    if not metrics:
+        return ""
+
+    def cell(metric: str, method: str) -> str:
+        got = [items.get(f"{metric}/{change}", {}).get(method) for change in ITEM_CHANGES]
+        if got[0] is None:
+            return "-"
+        lost, gained, lost_adj, gained_adj = (pm(100 * m, 100 * sd, ".0f", n) for m, sd, n in got)
+        return f"{lost} / {gained} ({lost_adj} / {gained_adj}), {got[0][2]} runs"
+
+    methods = list(dict.fromkeys(name for per in items.values() for name in per))
+    rows = [[name] + [cell(metric, name) for metric in metrics] for name in methods]
+    return "\n".join([markdown_table(["method", *metrics], rows), "",
+                      "Per item (arXiv 2510.17776): % of documents lost (right at fit start, wrong at the end) / "
+                      "gained, and in brackets both adjusted for guessing (`scores.item_changes`)."]) + "\n"
 
 
 def also_markdown(s: dict) -> str:

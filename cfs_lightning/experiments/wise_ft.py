@@ -101,7 +101,7 @@ def _sweep(base: str, finetuned: str, specs: list, alphas: list[float], needed: 
     task_manager, rows, better = task_manager_for(specs), [], {}
     for alpha in alphas:
         model.load_state_dict(interpolated_state(base_state, ft_state, alpha))
-        scores, better = evaluate_lm(model, tokenizer, specs, task_manager=task_manager, **eval_args)
+        scores, better, _ = evaluate_lm(model, tokenizer, specs, task_manager=task_manager, **eval_args)
         for key in needed:
             if key not in scores:
                 raise KeyError(f"metric {key!r} was not computed; the tasks give {sorted(scores)}")
