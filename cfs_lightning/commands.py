@@ -19,7 +19,8 @@ class Command:
     help: str
     """One line for `cfs --help`."""
     data: bool = False
-    """A data command (writes shards); `cfs study` runs these as its data steps."""
+    """A data command (writes a data folder: shards, or `cfs fisher`'s estimate); `cfs study` runs
+    these as its data steps."""
     lightning: bool = False
     """A LightningCLI subcommand: the function takes the whole command line."""
     model_arg: str | None = None
@@ -45,6 +46,9 @@ COMMANDS: dict[str, Command] = {
     "dialogue": Command("replay.dialogue:dialogue",
                         "write self-dialogue replay: the base model talking with itself", data=True,
                         model_arg="base.model", output_arg="output.dir"),
+    "fisher": Command("replay.fisher:fisher",
+                      "estimate the base model's diagonal Fisher on its replay sequences (for EWC)", data=True,
+                      model_arg="base.model", output_arg="output.dir"),
     "self-output": Command("rewrite.self_output:self_output",
                            "rewrite the task's targets with the base model's verified answers", data=True,
                            model_arg="base.model", output_arg="output.dir", task_arg="task"),

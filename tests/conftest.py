@@ -52,6 +52,17 @@ def tiny_task_files(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def tiny_fisher_dir(tmp_path_factory, tiny_model_dir, tiny_replay_dir) -> Path:
+    """The tiny model's diagonal Fisher on the first 8 of its replay sequences (`cfs fisher`)."""
+    from cfs_lightning.loading import BaseModelArgs
+    from cfs_lightning.replay.fisher import FisherOutput, fisher
+
+    out = tmp_path_factory.mktemp("fisher") / "fisher"
+    fisher(BaseModelArgs(str(tiny_model_dir), device="cpu"), str(tiny_replay_dir), FisherOutput(str(out)), sequences=8)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_replay_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """40 context-free sequences sampled from the tiny model, with its top-8 log-probabilities."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

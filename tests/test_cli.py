@@ -175,7 +175,7 @@ class Expected(NamedTuple):
 EXPECTED = {None: Expected({"nll_replay"}), "ft": Expected(set()), "cfs-nll": Expected({"nll_replay"}),
             "cfs-kl": Expected({"kl_to_reference"}, reference=True),
             "cfs-kl-topk": Expected({"kl_from_cached_top_k"}), "l2": Expected({"l2_to_init"}),
-            "ema": Expected(set()), "bema": Expected(set()), "lora": Expected(set(), lora=True),
+            "ema": Expected(set()), "bema": Expected(set()), "ewc": Expected({"ewc"}), "lora": Expected(set(), lora=True),
             "lora+cfs": Expected({"nll_replay"}, lora=True), "cs": Expected({"nll_replay"}),
             "real-replay": Expected({"nll_replay"}), "self-dialogue": Expected({"nll_replay"}, replay_kl=False),
             "online": Expected({"nll_replay"}, reference=True), "self-output": Expected(set()),
@@ -188,7 +188,7 @@ EXPECTED = {None: Expected({"nll_replay"}), "ft": Expected(set()), "cfs-nll": Ex
 what every fit must do."""
 STAND_INS = {"generate": "tiny_replay_dir", "contextual": "tiny_replay_dir", "corpus": "tiny_replay_dir",
              "dialogue": "tiny_dialogue_dir", "self-output": "tiny_task_shards", "rephrase": "tiny_task_shards",
-             "token-mask": "tiny_task_shards"}
+             "token-mask": "tiny_task_shards", "fisher": "tiny_fisher_dir"}
 """The fixture that stands in for the shards each data command writes."""
 
 
@@ -211,6 +211,12 @@ def _stand_in_data(configs: list[str], request: pytest.FixtureRequest) -> list[s
             if field in data.get(stream, {}):
                 fixture = request.getfixturevalue(STAND_INS[WRITTEN_BY[data[stream][field]]])
                 overrides.append(f"--data.init_args.{stream}.{field}={fixture}")
+        terms = _yaml(config).get("model", {}).get("init_args", {}).get("regularizers") or []
+        if any("fisher" in t.get("init_args", {}) for t in terms):  # EWC reads `cfs fisher`'s folder
+            terms = [{**t, "init_args": {**t["init_args"], "fisher": str(request.getfixturevalue(
+                STAND_INS[WRITTEN_BY[t["init_args"]["fisher"]]]))}} if "fisher" in t.get("init_args", {}) else t
+                for t in terms]
+            overrides.append(f"--model.init_args.regularizers={json.dumps(terms)}")
     return overrides
 
 
