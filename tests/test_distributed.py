@@ -236,9 +236,13 @@ ODD_LLAMA = dict(hidden_size=45, head_dim=16, intermediate_size=63, num_hidden_l
                  num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=False)
 
 
-def test_fsdp2_l2_and_ema_on_parameters_that_do_not_split_evenly(tmp_path, tiny_task_files):
-    """Vocabulary 509 and hidden 45: most parameters' first dimension splits 255 + 254 or 23 + 22."""
+def test_fsdp2_l2_ewc_and_ema_on_parameters_that_do_not_split_evenly(tmp_path, tiny_task_files):
+    """Vocabulary 509 and hidden 45: most parameters' first dimension splits 255 + 254 or 23 + 22.
+    EWC cuts its Fisher as each parameter is cut: with F = 4 everywhere it is 4 times l2 exactly."""
     from cfs_lightning.experiments.init_model import init_model
+    from cfs_lightning.replay.fisher import estimate_fisher
+    from cfs_lightning.shards import model_fingerprint
+    from cfs_lightning.shards.fisher import write_fisher
 
     from .conftest import SHAKESPEARE
 
@@ -246,12 +250,20 @@ def test_fsdp2_l2_and_ema_on_parameters_that_do_not_split_evenly(tmp_path, tiny_
                            model_config=ODD_LLAMA, seed=0)
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     assert base.get_output_embeddings().weight.shape == (509, 45)
+    record = {"model": "odd", "model_fingerprint": model_fingerprint(base)}
+    fisher, _ = estimate_fisher(base, [[1, 5, 9, 300, 7], [2, 400, 3]], show=False)
+    write_fisher(tmp_path / "fisher", fisher, record)
+    write_fisher(tmp_path / "fours", {n: torch.full_like(f, 4.0) for n, f in fisher.items()}, record)
     out = tmp_path / "fit"
     config = yaml.safe_load(fit_config(out, model_dir, tiny_task_files, tmp_path, []).read_text())
     config["trainer"]["callbacks"] = []
     config["trainer"]["limit_train_batches"] = 2
     config["model"]["init_args"]["regularizers"] = [
         {"class_path": "cfs_lightning.training.regularizers.L2ToInit", "init_args": {"weight": 0.01}},
+        {"class_path": "cfs_lightning.training.regularizers.L2ToInit",
+         "init_args": {"weight": 0.01, "fisher": str(tmp_path / "fisher")}},
+        {"class_path": "cfs_lightning.training.regularizers.L2ToInit",
+         "init_args": {"weight": 0.01, "fisher": str(tmp_path / "fours"), "name": "ewc4"}},
         {"class_path": "cfs_lightning.training.regularizers.EMA", "init_args": {"decay": 0.5}},
     ]
     config["data"]["init_args"].update(replay_ratio=0.0, replay=None)
@@ -260,9 +272,14 @@ def test_fsdp2_l2_and_ema_on_parameters_that_do_not_split_evenly(tmp_path, tiny_
 
     rows = [r for r in (out / "metrics.csv").read_text().splitlines()[1:]]
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
-    column = header.index("train/reg/l2_to_init")
-    l2 = [float(r.split(",")[column]) for r in rows if r.split(",")[column]]
+
+    def logged(key: str) -> list[float]:
+        column = header.index(key)
+        return [float(r.split(",")[column]) for r in rows if r.split(",")[column]]
+
+    l2, ewc, ewc4 = logged("train/reg/l2_to_init"), logged("train/reg/ewc"), logged("train/reg/ewc4")
     assert len(l2) == 2 and l2[0] == 0.0 and l2[1] > 0  # theta_0 at step 0; moved after one step
+    assert ewc[0] == 0.0 and ewc[1] > 0 and ewc4 == pytest.approx([4 * v for v in l2], rel=1e-5)
     exported = AutoModelForCausalLM.from_pretrained(out / "hf_model").state_dict()
     moved = [k for k, v in base.state_dict().items() if not torch.equal(v, exported[k])]
     assert "lm_head.weight" in moved and "model.embed_tokens.weight" in moved

@@ -53,15 +53,31 @@ def model_fingerprint(model: PreTrainedModel) -> str:
 
     Values are hashed in float32 so that the same checkpoint loaded in bf16 or fp32 from a bf16
     file hashes alike. A model carrying peft LoRA layers hashes as its base weights (adapter
-    tensors skipped, `.base_layer` dropped from names), i.e. like the model it was built from.
+    tensors skipped, `.base_layer` dropped from names), and a model with blocks added by LLaMA-Pro
+    expansion (its config's `expanded_blocks`) without them, i.e. like the model it was built from.
     """
     state = {name.replace(".base_layer", ""): t for name, t in model.state_dict().items()
              if ".lora_" not in name}
+    expanded = getattr(getattr(model, "config", None), "expanded_blocks", None)
+    if expanded:
+        state = _without_blocks(state, expanded["prefix"], expanded["added"])
     digest = hashlib.sha256()
     for name, tensor in sorted(state.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def _without_blocks(state: dict, prefix: str, added: list[int]) -> dict:
+    """`state` without the blocks `added` under `prefix.<i>.`, the others renumbered as before them."""
+    kept = {}
+    for name, tensor in state.items():
+        index, dot, rest = name.removeprefix(f"{prefix}.").partition(".")
+        if not name.startswith(f"{prefix}.") or not dot or not index.isdigit():
+            kept[name] = tensor
+        elif int(index) not in added:
+            kept[f"{prefix}.{int(index) - sum(a < int(index) for a in added)}.{rest}"] = tensor
+    return kept
 
 
 def provenance(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None,

@@ -27,6 +27,7 @@ from .regularizers import Regularizer
 from .regularizers.base import checkpoint_states, restore_states
 from .sharding import data_parallel_mesh, gathered_copy, is_sharded, shard_fsdp2
 from .task_losses import NLL, TaskLoss, check_task_loss, task_terms
+from .trainable import Trainable, apply_trainable
 from .validation import EvalMetrics
 
 
@@ -63,18 +64,17 @@ class CausalLMFineTuner(L.LightningModule):
             `last.ckpt` and raises an error naming the step, the term and its stream; `skip`
             drops the batch.
         task_loss: The loss on the task's response tokens, a `task_losses.TaskLoss`: `NLL`
-            (the default) or `DFT` (arXiv 2508.05629; ASFT, arXiv 2509.23753, is `DFT` plus
-            `KLToReference(on: task)`: configs/toy/methods/asft.yaml). `null`: the task batch is
-            only a source of prompts and the regularizers are the whole loss (SDFT,
-            configs/toy/methods/sdft.yaml); `train/task_loss` is still logged, without gradient.
+            (the default), `DFT`, `EAFT` (docs/methods.md). `null`: the regularizers are the whole
+            loss (SDFT); `train/task_loss` is still logged, without gradient.
         normalize: What the task loss and every term, each a sum over its stream's target
             positions, are divided by: `token`, the number of target tokens (nats per token), or
             `sequence`, the number of sequences (the CFS objective E_F[-log p(y|x)] +
             lambda E_x[-log p(x)] of arXiv 2505.13811, as configs/paper/ uses). See
             docs/methods.md; validation stays per token.
-        activation_checkpointing: Recompute each decoder block in the backward pass (about a
-            third more compute for a fraction of the activations' memory); under FSDP1 use the
-            strategy's `activation_checkpointing_blocks` instead.
+        activation_checkpointing: Recompute each decoder block in the backward pass (less memory,
+            more compute); under FSDP1 the strategy's `activation_checkpointing_blocks` instead.
+        trainable: Freeze weights by name or the bottom blocks, or add blocks that alone train
+            (LLaMA-Pro): `trainable.Trainable`; None: every weight trains.
     """
 
     def __init__(
@@ -92,6 +92,7 @@ class CausalLMFineTuner(L.LightningModule):
         task_loss: TaskLoss | None = NLL(),
         normalize: Literal["token", "sequence"] = "token",
         activation_checkpointing: bool = False,
+        trainable: Trainable | None = None,
     ) -> None:
         super().__init__()
         self.regularizers = list(regularizers or [])
@@ -104,6 +105,8 @@ class CausalLMFineTuner(L.LightningModule):
         resolve_reference_mode(reference, self._reference_users([]), lora is not None)  # refused now, not at fit
         # from_pretrained returns eval mode; Lightning keeps modules' modes as given
         model = load_causal_lm(pretrained, dtype, trust_remote_code).train()
+        if trainable is not None:
+            apply_trainable(model, trainable, lora=lora is not None)
         if activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = apply_lora(model, lora) if lora is not None else model
