@@ -175,7 +175,8 @@ class Expected(NamedTuple):
 EXPECTED = {None: Expected({"nll_replay"}), "ft": Expected(set()), "cfs-nll": Expected({"nll_replay"}),
             "cfs-kl": Expected({"kl_to_reference"}, reference=True),
             "cfs-kl-topk": Expected({"kl_from_cached_top_k"}), "l2": Expected({"l2_to_init"}),
-            "ema": Expected(set()), "bema": Expected(set()), "ewc": Expected({"ewc"}), "lora": Expected(set(), lora=True),
+            "ema": Expected(set()), "bema": Expected(set()), "ewc": Expected({"ewc"}),
+            "distill-checkpoint": Expected({"kl_to_reference"}), "lora": Expected(set(), lora=True),
             "lora+cfs": Expected({"nll_replay"}, lora=True), "cs": Expected({"nll_replay"}),
             "real-replay": Expected({"nll_replay"}), "self-dialogue": Expected({"nll_replay"}, replay_kl=False),
             "online": Expected({"nll_replay"}, reference=True), "self-output": Expected(set()),
@@ -212,10 +213,11 @@ def _stand_in_data(configs: list[str], request: pytest.FixtureRequest) -> list[s
                 fixture = request.getfixturevalue(STAND_INS[WRITTEN_BY[data[stream][field]]])
                 overrides.append(f"--data.init_args.{stream}.{field}={fixture}")
         terms = _yaml(config).get("model", {}).get("init_args", {}).get("regularizers") or []
-        if any("fisher" in t.get("init_args", {}) for t in terms):  # EWC reads `cfs fisher`'s folder
-            terms = [{**t, "init_args": {**t["init_args"], "fisher": str(request.getfixturevalue(
-                STAND_INS[WRITTEN_BY[t["init_args"]["fisher"]]]))}} if "fisher" in t.get("init_args", {}) else t
-                for t in terms]
+        stand_ins = {"fisher": lambda path: request.getfixturevalue(STAND_INS[WRITTEN_BY[path]]),  # EWC
+                     "teacher": lambda path: request.getfixturevalue("tiny_model_dir")}  # a checkpoint
+        if any(k in t.get("init_args", {}) for t in terms for k in stand_ins):
+            terms = [{**t, "init_args": {k: str(stand_ins[k](v)) if k in stand_ins else v
+                                         for k, v in t.get("init_args", {}).items()}} for t in terms]
             overrides.append(f"--model.init_args.regularizers={json.dumps(terms)}")
     return overrides
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import random
 from collections.abc import Iterator, Mapping
 from typing import Literal
 
@@ -50,7 +51,9 @@ class OnlineReplay(L.Callback, StreamProducer):
     targets. With `KLToReference(on: onpolicy, direction: reverse)` the loss is the reverse KL
     to the frozen base on the model's own samples, i.e. GKD with lambda = 1 and the base as the
     teacher (configs/toy/methods/on-policy-kl.yaml). `every_n_steps: 1` is strictly on-policy;
-    larger k reuses a pool sampled up to k - 1 steps ago.
+    larger k reuses a pool sampled up to k - 1 steps ago. GKD's `lmbda` (TRL, ms-swift): each
+    step is on-policy with probability lmbda (drawn from the seed, the step, the micro-batch and
+    the rank); otherwise the stream is the task batch itself, the dataset's own responses.
 
     With `demonstrations: true` (on-policy rows only) each row also carries the teacher's view
     for self-distillation (`SelfDistillation`, SDFT): the task example the prompt came from
@@ -63,7 +66,7 @@ class OnlineReplay(L.Callback, StreamProducer):
                  sampling: SamplingConfig = SamplingConfig(max_new_tokens=128, batch_size=32),
                  sampler: Literal["reference", "trainable"] = "reference",
                  prompts: Literal["start", "task"] = "start", stream: str = REPLAY,
-                 demonstrations: bool = False, separator: str = "\n\n") -> None:
+                 demonstrations: bool = False, separator: str = "\n\n", lmbda: float = 1.0) -> None:
         """
         Args:
             every_n_steps: Optimizer steps between regenerations (k).
@@ -79,6 +82,8 @@ class OnlineReplay(L.Callback, StreamProducer):
             demonstrations: Also give each on-policy row its teacher's view, the task example
                 in context before it (stream `onpolicy_teacher`, for `SelfDistillation`).
             separator: Text between the demonstration and the row in the teacher's view.
+            lmbda: On-policy rows with probability lmbda per step, else the task batch's rows
+                (GKD's mix; on-policy rows only, without demonstrations); 1: always on-policy.
         """
         for name, value in (("every_n_steps", every_n_steps), ("num_sequences", num_sequences),
                             ("batch_size", batch_size)):
@@ -96,7 +101,10 @@ class OnlineReplay(L.Callback, StreamProducer):
             raise ValueError("OnlineReplay.demonstrations needs prompts: task and stream: onpolicy "
                              f"(the teacher sees the task example its row was prompted from), got "
                              f"prompts: {prompts}, stream: {stream}")
-        self.demonstrations, self.separator = demonstrations, separator
+        if not 0 <= lmbda <= 1 or (lmbda < 1 and ((stream, prompts) != (ONPOLICY, TASK) or demonstrations)):
+            raise ValueError(f"OnlineReplay.lmbda must be in [0, 1], and below 1 only for on-policy rows "
+                             f"(prompts: task, stream: onpolicy) without demonstrations; got {lmbda}")
+        self.demonstrations, self.separator, self.lmbda = demonstrations, separator, lmbda
         self.streams = (stream, ONPOLICY_TEACHER) if demonstrations else (stream,)
         """The batch streams this callback adds rows to (a regularizer must read each)."""
         self.needs_reference = sampler == "reference"  # the module builds one at fit start
@@ -162,10 +170,18 @@ class OnlineReplay(L.Callback, StreamProducer):
         """The seed of this rank's `draw`-th pool (round * accumulation + micro-batch)."""
         return self.sampling.seed * 1_000_003 + draw * step.world_size + step.rank
 
+    def _on_policy(self, step: StepContext) -> bool:
+        """Whether this step's rows are sampled (probability `lmbda`), drawn from the seed, the step,
+        the micro-batch and the rank, so that a resumed fit draws alike."""
+        draw = step.global_step * step.accumulation + step.micro_batch
+        return self.lmbda >= 1 or random.Random(self._seed(step, draw)).random() < self.lmbda
+
     def rows(self, batch: Mapping[str, Batch], step: StepContext, module: L.LightningModule) -> dict[str, Batch]:
         """This step's `batch_size` rows of the micro-batch's pool (refilled at its round's first
         step), and with `demonstrations` their teacher's view."""
         micro, round_index = step.micro_batch, step.global_step // self.every_n_steps
+        if not self._on_policy(step):  # GKD's dataset step: the task batch's own responses
+            return {self.stream: {k: batch[TASK][k] for k in ("input_ids", "attention_mask", "labels")}}
         if self._rounds.get(micro) != round_index:
             draw = round_index * step.accumulation + micro
             self._pools[micro] = self._refill(module, batch, self._seed(step, draw))
