@@ -3,6 +3,7 @@ sequences (against the exact true Fisher of a tiny float64 model), its folder an
 `L2ToInit(fisher=...)`'s term against float64 by hand."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -91,6 +92,7 @@ class _Holder(nn.Module):
         torch.manual_seed(0)
         self.model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).double()
         self.model[1].bias.requires_grad_(False)
+        self.model.config = SimpleNamespace()
         self.hf_model = self.model
 
 
@@ -133,10 +135,14 @@ def test_ewc_refuses_a_fisher_of_another_model_or_of_other_parameters(tmp_path):
     with torch.no_grad():
         module.model[0].bias.add_(0.1)  # now another model than the Fisher's
     with pytest.raises(ValueError, match="was estimated for 'holder'.*run `cfs fisher` on this base model"):
-        L2ToInit(fisher=str(tmp_path / "f")).setup(module)
+        L2ToInit(fisher=str(tmp_path / "f")).check_base(module.hf_model)  # as a fit does, before sharding
+    module.model.config.expanded_blocks = {"prefix": "layers", "added": [1]}
+    with pytest.raises(ValueError, match="the model was expanded .*only its new blocks train, and they have none"):
+        L2ToInit(fisher=str(tmp_path / "f")).check_base(module.hf_model)
     write_fisher(tmp_path / "g", {"0.weight": torch.ones(4, 3)}, {"model": "x", "model_fingerprint": "0"})
     with pytest.raises(ValueError, match=r"no estimate \(of the right shape\) for 2 trainable parameter\(s\), "
                                          r"e.g. '0.bias'.*adapters \(LoRA\)"):
         L2ToInit(fisher=str(tmp_path / "g")).setup(module)
     with pytest.raises(FileNotFoundError, match="holds no fisher.json: it is not a Fisher estimate"):
         L2ToInit(fisher=str(tmp_path)).setup(module)
+    L2ToInit().check_base(module.hf_model)  # no Fisher: nothing to check

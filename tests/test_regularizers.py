@@ -309,6 +309,16 @@ def test_bema_state_resumes_and_a_mismatched_checkpoint_is_refused():
         plain.load_state_dict(bema.state_dict())
     with pytest.raises(ValueError, match="EMA.bias_power must be >= 0, got -1"):
         EMA(bias_power=-1)
+    early = EMA(ema_power=0.5, bias_power=0.2, update_after=5)  # a fit that ends within its burn-in
+    early.setup(module)
+    with torch.no_grad():
+        module.model[0].weight.add_(1.0)
+    early.on_after_optimizer_step(module)
+    live = module.model[0].weight.detach().clone()
+    with early.eval_weights(module):
+        assert torch.equal(module.model[0].weight.detach(), live)  # no average yet: the live weights
+    early.on_train_end(module)
+    assert torch.equal(module.model[0].weight.detach(), live)  # what it trained is kept
 
 
 def test_ema_with_nothing_trainable_updates_nothing():

@@ -150,7 +150,8 @@ class RetainedEval(L.Callback):
             return Evaluation(same[0]["scores"], same[0]["higher_is_better"], same[0].get("items", {}))
         result = self.evaluate(pl_module)  # an entry without per-item outcomes is replaced
         entries = [entry for entry in entries if entry["key"] != key]
-        entries.append({"key": key, "scores": result.values, "higher_is_better": result.better, "items": result.items})
+        entries.append({"key": key, "scores": result.values, "higher_is_better": result.better,
+                        **({"items": result.items} if self.per_item else {})})
         write_text(self.start_scores, json.dumps(entries, indent=1) + "\n")
         return result
 

@@ -111,7 +111,9 @@ def _item_outcomes(results: dict) -> dict[str, dict[str, list[float]]]:
     for task, samples in results.get("samples", {}).items():
         multiple_choice = results["configs"][task].get("output_type") == "multiple_choice"
         for sample in samples:
-            chance = 1.0 / len(sample["arguments"]) if multiple_choice else 0.0  # one request per choice
+            # one request per choice (two with lm-eval's acc_mutual_info)
+            choices = len(sample["arguments"]) // (2 if "acc_mutual_info" in sample["metrics"] else 1)
+            chance = 1.0 / choices if multiple_choice else 0.0
             for metric in sample["metrics"]:
                 filt = sample["filter"]
                 name = f"{task}/{metric}" if filt == "none" else f"{task}/{metric}_{filt}"

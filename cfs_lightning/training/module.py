@@ -48,16 +48,14 @@ class CausalLMFineTuner(L.LightningModule):
         optimizer: Optimizer over the trainable parameters.
         lr_scheduler: Optional scheduler, stepped every optimizer step.
         tokenizer: Tokenizer name or directory; default: `pretrained`.
-        dtype: Weight dtype to load (`float32`, `bfloat16`, ...); default float32. Use the
-            trainer's `precision` for mixed precision.
+        dtype: Weight dtype to load; default float32 (mixed precision: the trainer's `precision`).
         trust_remote_code: Allow model code shipped with the checkpoint to run.
         reference: The frozen reference for whatever reads it (`KLToReference`, `OnlineReplay`
             sampling from the base): `copy` (a frozen copy of the weights the first fit or
             evaluation starts from), `adapters_disabled` (with LoRA: the same weights, adapters
             off, no second copy), `none`, or `auto`: none unless something needs it, then
-            `adapters_disabled` with LoRA and `copy` without. With a reference, every
-            validation also logs the forgetting meter (`val/replay_kl`, `val/task_kl`); set
-            `copy` on a run without KL terms (plain fine-tuning) to measure it there.
+            `adapters_disabled` with LoRA and `copy` without. With a reference, validation also
+            logs the forgetting meter (`val/replay_kl`, `val/task_kl`; `copy` measures it anywhere).
         lora: Train low-rank adapters (peft) instead of all weights; the export then holds the
             merged model and, under `adapter/`, the adapter alone.
         nonfinite: What a NaN or infinite loss term does (`nonfinite.py`): `stop` saves
@@ -156,12 +154,14 @@ class CausalLMFineTuner(L.LightningModule):
                                              self._reference_users(self.producers), self.lora is not None)
 
     def _check_fit_inputs(self) -> None:
-        """Refuse shards of another base model, and producers that do not match the readers."""
-        # Checked while the weights are still the base's (a checkpoint is restored later); the
-        # DataModule, which read the shards, lists them in `shard_manifests` (or has none).
+        """Refuse shards (or a term's data) of another base model, and producers that do not match
+        the readers. Checked while the weights are still the base's, unsharded; the DataModule,
+        which read the shards, lists them in `shard_manifests` (or has none)."""
         datamodule = self.trainer.datamodule
         for where, (manifest, waiver) in getattr(datamodule, "shard_manifests", {}).items():
             check_model(manifest, self.hf_model, where, waiver)
+        for reg in self.regularizers:
+            reg.check_base(self.hf_model)
         self.producers = [p for p in (datamodule, *self.trainer.callbacks) if isinstance(p, StreamProducer)]
         check_streams(self.producers, self.regularizers)
         if isinstance(datamodule, StreamProducer):  # every stream is declared: one missing is known now

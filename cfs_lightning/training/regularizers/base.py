@@ -22,6 +22,8 @@ class Regularizer:
     """One term of the fine-tuning objective: loss = task_loss + sum_i weight_i * term_i.
 
     Lifecycle, split from the math:
+      - `check_base(model)` runs when a fit sets up, on the whole transformers model before it is
+        sharded or a checkpoint restored: refuse there what does not fit the base model.
       - `setup(module)` runs once per fit, after the model is built (and sharded) and before a
         checkpoint is restored; snapshot what the term needs here (theta_0, a handle on the frozen
         reference model, ...).
@@ -77,6 +79,9 @@ class Regularizer:
             raise ValueError(f"{type(self).__name__}.weight must be >= 0, got {weight}")
         self.weight = weight
         self.name = name or _snake_case(type(self).__name__)
+
+    def check_base(self, model: torch.nn.Module) -> None:
+        """Called when a fit sets up, with the unsharded transformers model at its base weights."""
 
     def setup(self, module: L.LightningModule) -> None:
         """Called once per fit with the LightningModule (`CausalLMFineTuner`: its `model`,

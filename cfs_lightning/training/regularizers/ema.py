@@ -115,7 +115,8 @@ class EMA(Regularizer):
         live = [local_shard(p.detach()) for p in self.params]
         if self.average[0].device != live[0].device:  # the model was placed after setup
             self.average = [a.to(p.device) for a, p in zip(self.average, live, strict=True)]
-            self.theta0 = [a.to(p.device) for a, p in zip(self.theta0, live, strict=True)]
+            if self.theta0:
+                self.theta0 = [a.to(p.device) for a, p in zip(self.theta0, live, strict=True)]
         live = [p if p.dtype == a.dtype else p.to(a.dtype) for p, a in zip(live, self.average, strict=True)]
         if t == 0:  # the burn-in ends: theta_0 and the average start here
             torch._foreach_copy_(self.average, live)
@@ -138,10 +139,15 @@ class EMA(Regularizer):
                 value = value + self.alpha * (live.to(value.dtype) - self.theta0[i].to(live.device))
             live.copy_(value)
 
+    def _averaging(self) -> bool:
+        """Whether there is an average to use: none during the burn-in (`update_after`)."""
+        return bool(self.params) and self._steps >= self.update_after
+
     @contextlib.contextmanager
     def eval_weights(self, module) -> Iterator[None]:
-        """The averaged weights in the model; the live ones are backed up and restored exactly."""
-        if not (self.eval_with_ema and self.params):
+        """The averaged weights in the model; the live ones are backed up and restored exactly.
+        During the burn-in (`update_after`) the live weights themselves."""
+        if not (self.eval_with_ema and self._averaging()):
             yield
             return
         with torch.no_grad():
@@ -156,7 +162,7 @@ class EMA(Regularizer):
                     local_shard(p.detach()).copy_(kept)
 
     def on_train_end(self, module) -> None:
-        if self.final == "ema" and self.params:
+        if self.final == "ema" and self._averaging():  # a fit within its burn-in keeps what it trained
             self._load_average(module)
 
     def state_dict(self) -> dict[str, Any]:

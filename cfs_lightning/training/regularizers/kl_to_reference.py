@@ -103,6 +103,9 @@ class KLToReference(Regularizer):
         self._placed, self._dtype = False, None
 
     def setup(self, module) -> None:
+        vocab = module.hf_model.config.vocab_size
+        if self.top_k is not None and self.top_k > vocab:
+            raise ValueError(f"{self.name}: top_k={self.top_k} is more than the vocabulary's {vocab} tokens")
         self.reference = module.reference if self.teacher is None else self._load_teacher(module)
         self._placed = self.teacher is None  # the module places its own reference
         self._dtype = next(p.dtype for p in module.model.parameters() if p.is_floating_point())

@@ -9,8 +9,8 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from ...shards import model_fingerprint
-from ...shards.fisher import read_fisher
-from ..sharding import is_sharded, local_shard, shard_like
+from ...shards.fisher import read_fisher, read_record
+from ..sharding import local_shard, shard_like
 from .base import Regularizer
 
 
@@ -60,7 +60,7 @@ class L2ToInit(Regularizer):
     own shards, in the parameters' dtype: one more copy of the trainable shards (4 bytes per
     parameter in float32). Per token, 1/2 sum_i F_i (theta_i - theta_0,i)^2 is the quadratic
     approximation at theta_0 of the KL to the base on replay, so `weight` 0.5 matches
-    `KLToReference(on: replay)` at weight 1 near the start.
+    `KLToReference(on: replay)` at weight 1 near the start (with `normalize: token`, the default).
     """
 
     per_parameter_state = True
@@ -90,9 +90,22 @@ class L2ToInit(Regularizer):
         self.initial = [self._snapshot(p) for p in self.params]
         self.scales = self._fisher_scales(module, named) if self.fisher else None
 
+    def check_base(self, model: torch.nn.Module) -> None:
+        """Refuse a Fisher estimated for another model (by weights fingerprint), and block expansion."""
+        if not self.fisher:
+            return
+        if getattr(model.config, "expanded_blocks", None):
+            raise ValueError(f"{self.name}: EWC weighs the base model's parameters by their Fisher, but the model "
+                             "was expanded (trainable.expand_blocks): only its new blocks train, and they have none")
+        record = read_record(self.fisher)
+        if record["model_fingerprint"] != model_fingerprint(model):
+            raise ValueError(f"{self.name}: the Fisher in {self.fisher} was estimated for {record['model']!r} "
+                             f"(weights sha256 {record['model_fingerprint'][:12]}…), not for the model being "
+                             "fine-tuned; run `cfs fisher` on this base model")
+
     def _fisher_scales(self, module, named: list[tuple[str, torch.nn.Parameter]]) -> list[torch.Tensor]:
-        """sqrt(F) per trainable parameter, this rank's shard, after checking F is this model's."""
-        values, record = read_fisher(self.fisher)
+        """sqrt(F) per trainable parameter, this rank's shard (`check_base` checked it is this model's)."""
+        values, _ = read_fisher(self.fisher)
         missing = [n for n, p in named if n not in values or tuple(values[n].shape) != tuple(p.shape)]
         if missing:
             raise ValueError(
@@ -100,10 +113,6 @@ class L2ToInit(Regularizer):
                 f"{len(missing)} trainable parameter(s), e.g. {missing[0]!r}: it was estimated for another "
                 "model, or the trainable parameters are adapters (LoRA), which EWC does not weigh; run "
                 "`cfs fisher` on this base model, with full fine-tuning")
-        if not is_sharded(module.model) and record["model_fingerprint"] != model_fingerprint(module.hf_model):
-            raise ValueError(f"{self.name}: the Fisher in {self.fisher} was estimated for {record['model']!r} "
-                             f"(weights sha256 {record['model_fingerprint'][:12]}…), not for the model being "
-                             "fine-tuned; run `cfs fisher` on this base model")
         return [self._snapshot(shard_like(values[n], p).to(local_shard(p).device, p.dtype).sqrt_()) for n, p in named]
 
     def _snapshot(self, p: torch.Tensor) -> torch.Tensor:
