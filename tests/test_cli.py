@@ -215,8 +215,9 @@ def _stand_in_data(configs: list[str], request: pytest.FixtureRequest) -> list[s
         terms = _yaml(config).get("model", {}).get("init_args", {}).get("regularizers") or []
         stand_ins = {"fisher": lambda path: request.getfixturevalue(STAND_INS[WRITTEN_BY[path]]),  # EWC
                      "teacher": lambda path: request.getfixturevalue("tiny_model_dir")}  # a checkpoint
-        if any(k in t.get("init_args", {}) for t in terms for k in stand_ins):
-            terms = [{**t, "init_args": {k: str(stand_ins[k](v)) if k in stand_ins else v
+        reads = [t for t in terms if t["class_path"].endswith((".L2ToInit", ".KLToReference"))]
+        if any(k in t.get("init_args", {}) for t in reads for k in stand_ins):
+            terms = [{**t, "init_args": {k: str(stand_ins[k](v)) if k in stand_ins and t in reads else v
                                          for k, v in t.get("init_args", {}).items()}} for t in terms]
             overrides.append(f"--model.init_args.regularizers={json.dumps(terms)}")
     return overrides
