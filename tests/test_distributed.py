@@ -53,7 +53,7 @@ def run_fit(config: Path, strategy: str, *extra: str, devices: int = 2) -> None:
     args = [sys.executable, "-m", "cfs_lightning.cli", "fit", "--config", str(config),
             "--config", f"configs/strategies/{strategy}.yaml", f"--trainer.devices={devices}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=int(os.environ.get("FIT_TIMEOUT", 400)))
     assert done.returncode == 0, done.stderr[-4000:]
 
 
@@ -284,3 +284,39 @@ def test_fsdp2_l2_ewc_and_ema_on_parameters_that_do_not_split_evenly(tmp_path, t
     moved = [k for k, v in base.state_dict().items() if not torch.equal(v, exported[k])]
     assert "lm_head.weight" in moved and "model.embed_tokens.weight" in moved
 
+
+def test_fsdp2_llama_pro_distilled_from_a_sharded_teacher(tmp_path, tiny_model_dir, tiny_task_files):
+    """Block expansion under FSDP2 (frozen and trainable parameters in the same units) with a KL on
+    the task to a teacher checkpoint sharded in units of its own: only the new blocks move, and
+    the export is a plain 4-block checkpoint. The ranks' task batches hold different numbers of
+    response tokens, so of head chunks: the teacher's head is gathered once for all of them."""
+    out = tmp_path / "fit"
+    config = yaml.safe_load(fit_config(out, tiny_model_dir, tiny_task_files, tmp_path, []).read_text())
+    config["trainer"]["callbacks"] = []
+    config["trainer"]["limit_train_batches"] = 2
+    config["model"]["init_args"]["trainable"] = {"expand_blocks": 2}
+    config["model"]["init_args"]["regularizers"] = [
+        {"class_path": "cfs_lightning.training.regularizers.KLToReference",
+         "init_args": {"on": "task", "teacher": str(tiny_model_dir), "chunk_size": 8}}]
+    config["data"]["init_args"].update(replay_ratio=0.0, replay=None)
+    (out / "fit.yaml").write_text(yaml.safe_dump(config))
+    run_fit(out / "fit.yaml", "fsdp2")
+
+    header, *rows = (out / "metrics.csv").read_text().splitlines()
+    column = header.split(",").index("train/reg/kl_to_reference")
+    kl = [float(r.split(",")[column]) for r in rows if r.split(",")[column]]
+    assert len(kl) == 2 and kl[0] == pytest.approx(0.0, abs=1e-6) and kl[1] > 0  # the teacher is the base here
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    exported = AutoModelForCausalLM.from_pretrained(out / "hf_model")
+    assert exported.config.num_hidden_layers == 4 and exported.config.expanded_blocks["added"] == [1, 3]
+    state = exported.state_dict()
+    for name, tensor in state.items():
+        index = int(name.split(".layers.")[1].split(".")[0]) if ".layers." in name else None
+        if index in (1, 3):  # a new block: trained
+            continue
+        # everything else is frozen: the original blocks (renumbered), embeddings, norm and head
+        source = name if index is None else name.replace(f".layers.{index}.", f".layers.{index // 2}.")
+        assert torch.equal(tensor, base[source]), name
+    # the new blocks trained: their output projections, zero when inserted, are not any more
+    assert all(state[f"model.layers.{i}.{p}.weight"].abs().sum() > 0
+               for i in (1, 3) for p in ("self_attn.o_proj", "mlp.down_proj"))

@@ -57,4 +57,5 @@ def forgetting_kl(
         return token_divergence(chunk_logits, reference.logits(chunk_hidden), "forward")
 
     # a KL is >= 0 (both paths); an unmoved model's rounds to about -1e-9
-    return chunked_target_mean(per_token, batch["labels"], logits, hidden, chunk_size=chunk_size).clamp_min(0)
+    with reference.head_gathered():
+        return chunked_target_mean(per_token, batch["labels"], logits, hidden, chunk_size=chunk_size).clamp_min(0)

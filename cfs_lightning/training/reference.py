@@ -107,6 +107,24 @@ class FrozenReference:
         with self._frozen():
             return self.net(hidden=hidden)
 
+    @contextlib.contextmanager
+    def head_gathered(self) -> Iterator[None]:
+        """Keep a sharded reference's root unit (embeddings, final norm, head) gathered for the
+        block, so that `logits` on any number of chunks costs one all-gather on every rank. Each
+        rank has its own number of target tokens, hence of chunks: gathered per chunk, the ranks
+        would join different numbers of collectives and wait on each other for ever. A no-op
+        unsharded. Every rank must enter it."""
+        if not is_sharded(self.net):
+            yield
+            return
+        self.net.set_reshard_after_forward(False, recurse=False)
+        self.net.unshard()
+        try:
+            yield
+        finally:
+            self.net.reshard()
+            self.net.set_reshard_after_forward(True, recurse=False)
+
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> FrozenReference:
         """Move a `copy` reference beside the trainable model (a no-op for `adapters_disabled`
         and for a sharded copy, which `fully_shard` already placed)."""

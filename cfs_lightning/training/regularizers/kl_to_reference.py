@@ -127,7 +127,8 @@ class KLToReference(Regularizer):
             self.reference.to(b["input_ids"].device, self._dtype)
             self._placed = True
         hidden = self.reference.hidden_states(b["input_ids"], b["attention_mask"])
-        return self.divergence(outputs[self.on], hidden, b["labels"])
+        with self.reference.head_gathered():
+            return self.divergence(outputs[self.on], hidden, b["labels"])
 
     def divergence(self, logits: Logits | torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean divergence over target positions, from trainable logits and reference hidden states.
