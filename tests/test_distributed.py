@@ -53,7 +53,7 @@ def run_fit(config: Path, strategy: str, *extra: str, devices: int = 2) -> None:
     args = [sys.executable, "-m", "cfs_lightning.cli", "fit", "--config", str(config),
             "--config", f"configs/strategies/{strategy}.yaml", f"--trainer.devices={devices}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=int(os.environ.get("FIT_TIMEOUT", 400)))
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-4000:]
 
 
