@@ -100,7 +100,8 @@ def items_markdown(s: dict) -> str:
         if got[0] is None:
             return "-"
         lost, gained, lost_adj, gained_adj = (pm(100 * m, 100 * sd, ".0f", n) for m, sd, n in got)
-        return f"{lost} / {gained} ({lost_adj} / {gained_adj}), {got[0][2]} runs"
+        runs = got[0][2]
+        return f"{lost} / {gained} ({lost_adj} / {gained_adj}), {runs} run{'' if runs == 1 else 's'}"
 
     methods = list(dict.fromkeys(name for per in items.values() for name in per))
     rows = [[name] + [cell(metric, name) for metric in metrics] for name in methods]
