@@ -117,7 +117,9 @@ def tensors_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+# ddp runs under `-m slow`: the default run keeps the sharded case, which crosses the same checkpoint,
+# resume and evaluation paths and the sharding besides (keeps CI inside ten minutes on two cores)
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp2"])
 def test_two_process_fit_checkpoint_resume_and_eval(strategy, tmp_path, tiny_model_dir, tiny_task_files,
                                                     tiny_replay_dir, eval_tasks, one_process_scores):
     out = tmp_path / strategy

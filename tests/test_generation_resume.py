@@ -174,8 +174,10 @@ def _recorded(partial: Path) -> int:
         return 0
 
 
-@pytest.mark.parametrize("budget, kill_after", [({"sequences": 96}, 1), ({"tokens": 4000}, 3)],
-                         ids=["sequences-after-1-shard", "tokens-after-3-shards"])
+@pytest.mark.parametrize("budget, kill_after", [
+    pytest.param({"sequences": 96}, 1, id="sequences-after-1-shard"),
+    pytest.param({"tokens": 4000}, 3, id="tokens-after-3-shards", marks=pytest.mark.slow),  # same path, other budget
+])
 def test_sigkill_during_cfs_generate_then_rerun_completes_the_exact_budget(tmp_path, tiny_model_dir, tiny_model,
                                                                            tiny_tokenizer, budget, kill_after):
     out = tmp_path / "killed"
