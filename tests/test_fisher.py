@@ -84,6 +84,12 @@ def test_the_command_writes_provenance_reuses_it_and_refuses_other_settings(tmp_
     assert json.loads((tmp_path / "fisher" / "fisher.json").read_text())["seed"] == 3  # left as it was
     fisher(base, str(tiny_replay_dir), FisherOutput(out.dir, overwrite=True), sequences=4, seed=4)
     assert read_fisher(out.dir)[1]["seed"] == 4
+    (tmp_path / "fisher" / "fisher.safetensors").unlink()  # a clone that keeps only the record
+    with pytest.raises(FileNotFoundError, match="record of a Fisher estimate but not its fisher.safetensors"):
+        read_fisher(out.dir)
+    fisher(base, str(tiny_replay_dir), out, sequences=4, seed=4)  # estimated again, not "already there"
+    assert "already there" not in capsys.readouterr().out
+    assert set(read_fisher(out.dir)[0]) == set(values)
 
 
 class _Holder(nn.Module):

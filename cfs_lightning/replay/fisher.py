@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 from .. import __version__
 from ..loading import BaseModelArgs
 from ..shards import load_shards, model_fingerprint, read_manifest, tokenizer_fingerprint
-from ..shards.fisher import RECORD, read_record, write_fisher
+from ..shards.fisher import RECORD, TENSORS, read_record, write_fisher
 from ..tokens import eval_mode
 
 ESTIMATOR = ("true Fisher: at every position of a replay sequence a target is drawn from the model's own "
@@ -97,7 +97,8 @@ def fisher(base: BaseModelArgs, replay_dir: str, output: FisherOutput, sequences
                "replay_model_fingerprint": manifest.get("model_fingerprint"), "sequences_requested": sequences,
                "seed": seed}
     out = Path(output.dir)
-    if (out / RECORD).is_file() and not output.overwrite:
+    # a record without its tensors (a clone of a repository that keeps only the record) is estimated again
+    if (out / RECORD).is_file() and (out / TENSORS).is_file() and not output.overwrite:
         record = read_record(out)
         if {k: record.get(k) for k in request} == request:
             print(f"{out}: a Fisher estimate with these settings is already there")

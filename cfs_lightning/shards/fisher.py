@@ -43,4 +43,8 @@ def read_record(folder: str | Path) -> dict[str, Any]:
 def read_fisher(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The per-parameter Fisher tensors (float32, CPU) and their record."""
     record = read_record(folder)
-    return load_file(str(Path(folder).expanduser() / TENSORS)), record
+    tensors = Path(folder).expanduser() / TENSORS
+    if not tensors.is_file():
+        raise FileNotFoundError(f"{folder} holds the record of a Fisher estimate but not its {TENSORS}: run "
+                                f"the `cfs fisher` that made it again (its settings are in {RECORD})")
+    return load_file(str(tensors)), record
