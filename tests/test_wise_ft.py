@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cfs_lightning.evaluation import evaluate_lm, task_specs
 from cfs_lightning.cli import main
 from cfs_lightning.experiments.init_model import init_model
-from cfs_lightning.experiments.wise_ft import interpolated_state
-from cfs_lightning.scores import read_scores
+from cfs_lightning.experiments.wise_ft import AlphaSelection, interpolated_state, run_scores
+from cfs_lightning.scores import ITEM_CHANGES, read_scores
 
 from .conftest import REPO, SHAKESPEARE, TINY_LLAMA
 
@@ -16,6 +16,7 @@ TASKS = [str(REPO / "configs/tasks/shakespeare_heldout.yaml"), str(REPO / "confi
 RET, DOWN = "shakespeare_heldout/bits_per_byte", "gsm8k_answers/bits_per_byte"
 VAL_TASKS = [t.replace(".yaml", "_val.yaml") for t in TASKS]
 VAL_RET, VAL_DOWN = "shakespeare_heldout_val/bits_per_byte", "gsm8k_answers_val/bits_per_byte"
+CHOICE = str(REPO / "configs/tasks/analogies.yaml")  # scored 0 or 1 per document: per-item changes
 
 
 @pytest.mark.parametrize("name", ["shakespeare_heldout", "gsm8k_answers", "code_heldout", "number_words"])
@@ -47,7 +48,7 @@ def finetuned_dir(tmp_path_factory, tiny_model_dir):
 
 def test_interpolate_endpoints_are_the_two_models(tmp_path, tiny_model_dir, finetuned_dir):
     main(["interpolate", f"--base={tiny_model_dir}", f"--finetuned={finetuned_dir}",
-          f"--tasks={json.dumps(TASKS)}", f"--retained={RET}", f"--downstream={DOWN}",
+          f"--tasks={json.dumps(TASKS + [CHOICE])}", f"--retained={RET}", f"--downstream={DOWN}",
           "--alphas=[0, 0.5, 1]", "--limit=4", "--batch_size=4", "--device=cpu",
           f"--select_on.tasks={json.dumps(VAL_TASKS)}", f"--select_on.retained={VAL_RET}",
           f"--select_on.downstream={VAL_DOWN}", f"--output_dir={tmp_path / 'w'}"])
@@ -73,6 +74,22 @@ def test_interpolate_endpoints_are_the_two_models(tmp_path, tiny_model_dir, fine
     picked = next(r for r in rows if r["alpha"] == chosen["alpha"])
     assert chosen[f"eval/{DOWN}"] == picked[DOWN]
     assert chosen[f"forget/{RET}"] == pytest.approx(picked[RET] - rows[0][RET])  # bits per byte: higher is worse
+    # and per item, against alpha 0: what was gained less what was lost is the change in accuracy
+    assert {k for k in chosen if k.startswith("items/")} == {f"items/analogies/acc/{c}" for c in ITEM_CHANGES}
+    assert chosen["items/analogies/acc/gained"] - chosen["items/analogies/acc/forgotten"] == pytest.approx(
+        picked["analogies/acc"] - rows[0]["analogies/acc"])
+    assert base["items/analogies/acc/forgotten"] == base["items/analogies/acc/gained"] == 0
+
+
+def test_the_chosen_alpha_has_its_per_item_changes_since_alpha_0():
+    rows = [{"alpha": 0.0, "t/acc": 0.5}, {"alpha": 1.0, "t/acc": 0.5}]
+    items = {0.0: {"t/acc": {"0": [1.0, 0.5], "1": [0.0, 0.5]}},
+             1.0: {"t/acc": {"0": [0.0, 0.5], "1": [1.0, 0.5]}}}  # both documents flip, either way
+    selection = AlphaSelection(tasks=["v"], retained="t/acc", downstream="t/acc")
+    base, chosen = run_scores(rows, rows[1], selection, {"t/acc": True}, items)
+    assert chosen["items/t/acc/forgotten"] == chosen["items/t/acc/gained"] == 0.5
+    assert base["items/t/acc/forgotten"] == base["items/t/acc/gained"] == 0.0
+    assert chosen["alpha"] == 1.0 and chosen["forget/t/acc"] == 0.0
 
 
 def test_interpolation_is_linear_and_refuses_other_architectures(tmp_path, tiny_model_dir, finetuned_dir):

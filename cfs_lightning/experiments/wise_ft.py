@@ -4,8 +4,8 @@ theta(alpha) = (1 - alpha) * theta_base + alpha * theta_ft (Wortsman et al., arX
 alpha = 0 is the base model, alpha = 1 the fine-tuned one. Sweeping alpha traces how much
 downstream gain is bought with how much retained ability. A single alpha to report is chosen on
 held-out documents (`AlphaSelection`), never on the scores it reports; the run's scores (as a
-fit's: `scores.SCORES_FILE`) are alpha 0's and the chosen alpha's, so `cfs report` reads a WiSE-FT
-run as it reads a fit.
+fit's: `scores.SCORES_FILE`) are alpha 0's and the chosen alpha's, with the chosen alpha's
+per-item changes since alpha 0, so `cfs report` reads a WiSE-FT run as it reads a fit.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from ..evaluation import evaluate_lm, task_manager_for, task_specs
 from ..loading import load_causal_lm, load_tokenizer
-from ..scores import scored, write_scores
+from ..scores import item_changes, scored, write_scores
 from . import plots
 from .runs import SWEEP
 from .summary import forgetting_recovered, gain_kept
@@ -77,37 +77,43 @@ def choose_alpha(rows: list[dict[str, float]], select_on: AlphaSelection, better
     return max(rows, key=score)
 
 
-def run_scores(rows: list[dict], chosen: dict, select_on: AlphaSelection, better: dict[str, bool]) -> list[dict]:
+def run_scores(rows: list[dict], chosen: dict, select_on: AlphaSelection, better: dict[str, bool],
+               items: dict[float, dict] | None = None) -> list[dict]:
     """The run's evaluations as a fit writes them: the base model (alpha 0), then the chosen
-    alpha, with `forget/` (its change since alpha 0, positive: worse) and what it was chosen on."""
+    alpha, with `forget/` (its change since alpha 0, positive: worse), its per-item changes since
+    alpha 0 (`scores.item_changes`, from each alpha's `items`) and what it was chosen on."""
     base = next(r for r in rows if r["alpha"] == 0.0)
+    items = items or {}
     out = []
     for row in (base, chosen):
         values = {k: v for k, v in row.items() if k != "alpha"}
-        out.append({"alpha": row["alpha"], **scored(values, base, better)})
+        changes = item_changes(items.get(0.0, {}), items.get(row["alpha"], {}))
+        out.append({"alpha": row["alpha"], **scored(values, base, better), **changes})
     out[-1]["chosen_on"] = [select_on.retained, select_on.downstream]
     return out
 
 
 def _sweep(base: str, finetuned: str, specs: list, alphas: list[float], needed: list[str], eval_args: dict,
-           dtype: str | None, device: str, trust_remote_code: bool) -> tuple[list[dict], dict[str, bool]]:
-    """Every alpha's lm-eval scores, and each metric's direction."""
+           dtype: str | None, device: str, trust_remote_code: bool) -> tuple[list[dict], dict[str, bool], dict]:
+    """Every alpha's lm-eval scores, each metric's direction, and per alpha each document's outcome
+    (`Evaluation.items`)."""
     tokenizer = load_tokenizer(finetuned, trust_remote_code)
     model = load_causal_lm(finetuned, dtype, trust_remote_code)
     ft_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     base_state = load_causal_lm(base, dtype, trust_remote_code).state_dict()
     check_compatible(base_state, ft_state)  # before any evaluation
     model.to(device).eval()
-    task_manager, rows, better = task_manager_for(specs), [], {}
+    task_manager, rows, better, items = task_manager_for(specs), [], {}, {}
     for alpha in alphas:
         model.load_state_dict(interpolated_state(base_state, ft_state, alpha))
-        scores, better, _ = evaluate_lm(model, tokenizer, specs, task_manager=task_manager, **eval_args)
+        scores, better, items[alpha] = evaluate_lm(model, tokenizer, specs, task_manager=task_manager,
+                                                   items=True, **eval_args)
         for key in needed:
             if key not in scores:
                 raise KeyError(f"metric {key!r} was not computed; the tasks give {sorted(scores)}")
         rows.append({"alpha": alpha, **scores})
         print(f"alpha={alpha:g}: {needed[0]}={scores[needed[0]]:.4f} {needed[1]}={scores[needed[1]]:.4f}")
-    return rows, better
+    return rows, better, items
 
 
 def interpolate(
@@ -157,11 +163,11 @@ def interpolate(
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     needed = [retained, downstream] + ([select_on.retained, select_on.downstream] if select_on else [])
     eval_args = dict(batch_size=batch_size, limit=limit, max_length=max_length, add_bos_token=add_bos_token)
-    rows, better = _sweep(base, finetuned, task_specs(tasks + (select_on.tasks if select_on else [])), alphas,
-                          needed, eval_args, dtype, device, trust_remote_code)
+    rows, better, items = _sweep(base, finetuned, task_specs(tasks + (select_on.tasks if select_on else [])), alphas,
+                                 needed, eval_args, dtype, device, trust_remote_code)
     out = Path(output_dir)
     if select_on is not None:
-        write_scores(out, run_scores(rows, choose_alpha(rows, select_on, better), select_on, better))
+        write_scores(out, run_scores(rows, choose_alpha(rows, select_on, better), select_on, better, items))
     keys = [k for k in rows[0] if k != "alpha"]
     table = markdown_table(["alpha", *keys], [[f"{r['alpha']:g}"] + [f"{r[k]:.4f}" for k in keys] for r in rows]) + "\n"
     sweep = {"select_on": asdict(select_on) if select_on is not None else None, "rows": rows}
